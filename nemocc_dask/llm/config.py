@@ -1,0 +1,117 @@
+"""``LLMConfig``: where to send requests, how many at once, how to retry, and generation settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from nemocc_dask.presets import TaskPreset
+
+GENERATION_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "n")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """An OpenAI-compatible endpoint set (or a custom client factory) and its settings.
+
+    Parameters
+    ----------
+    base_url:
+        One URL or a list (``http://host:8000/v1``); requests are spread least-in-flight first.
+    model:
+        The model name sent with every request (checked against ``GET /models`` before a run).
+    api_key:
+        Explicit key; else read from the environment variable ``api_key_env`` (when set there).
+        Never shown in ``repr``, logs, reports, journals or files.
+    max_in_flight:
+        Requests in flight per endpoint across the whole cluster; each worker takes its share.
+    timeout, max_retries, backoff_base, backoff_max:
+        Per-request timeout (s); retries after the first attempt for 429/408/5xx/timeouts/connection
+        errors, with exponential backoff ``backoff_base * 2**k`` (jittered, capped at
+        ``backoff_max``, at least ``Retry-After``).
+    temperature, top_p, top_k, max_tokens, seed, stop, n, extra_body:
+        Generation settings; ``None`` takes the task preset's value. ``top_k`` is sent (as an extra
+        body field) only when set.
+    client_factory:
+        Optional picklable zero-argument callable that builds a custom client on each worker
+        (see ``nemocc_dask.llm.client``); replaces the HTTP client and ``base_url``.
+    """
+
+    base_url: str | Sequence[str] = ()
+    model: str = ""
+    api_key: str | None = field(default=None, repr=False, compare=False)
+    api_key_env: str = "OPENAI_API_KEY"
+    max_in_flight: int = 64
+    timeout: float = 120.0
+    max_retries: int = 5
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    endpoint_cooldown: float = 5.0
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: Sequence[str] | str | None = None
+    n: int | None = None
+    return_all_choices: bool = False
+    extra_body: dict = field(default_factory=dict)
+    client_factory: Callable[[], Any] | None = None
+
+    def __post_init__(self) -> None:
+        urls = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url)
+        object.__setattr__(self, "base_url", tuple(u.rstrip("/") for u in urls if u))
+        if self.stop is not None:
+            stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+            object.__setattr__(self, "stop", stop)
+        if self.api_key is None and self.api_key_env:
+            object.__setattr__(self, "api_key", os.environ.get(self.api_key_env) or None)
+        if self.client_factory is None and not self.base_url:
+            raise ValueError("LLMConfig needs base_url (e.g. http://127.0.0.1:8000/v1) or a "
+                             "client_factory")
+        if self.client_factory is None and not self.model:
+            raise ValueError("LLMConfig needs model= (the name the endpoint serves; "
+                             "`curl BASE_URL/models` lists them)")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1 (got {self.max_in_flight})")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0 (got {self.max_retries})")
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Endpoint names: the base URLs, or one pseudo-endpoint for a custom client."""
+        if self.client_factory is not None:
+            name = getattr(self.client_factory, "__qualname__", type(self.client_factory).__name__)
+            return (f"custom:{name}",)
+        return self.base_url
+
+    def request_settings(self, preset: TaskPreset) -> dict:
+        """The body fields sent with each request of ``preset`` (explicit values win over the
+        preset's); fields left unset are not sent."""
+        settings: dict[str, Any] = {"model": self.model}
+        for name in GENERATION_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                value = preset.effective_max_tokens if name == "max_tokens" else getattr(preset, name)
+            if value is None or (name == "n" and value == 1):
+                continue
+            settings[name] = list(value) if name == "stop" else value
+        settings.update(preset.extra_body)
+        settings.update(self.extra_body)
+        return settings
+
+    def fingerprint_fields(self) -> dict:
+        """What about the endpoint changes results (model, client), not throughput knobs."""
+        return {"model": self.model, "client": self.endpoints[0] if self.client_factory else "http",
+                "return_all_choices": self.return_all_choices}
+
+    def pool_key(self, window: int) -> str:
+        """Identity of the per-worker pool these settings need (the key is never part of it)."""
+        material = {"endpoints": list(self.endpoints), "window": window, "timeout": self.timeout,
+                    "retries": self.max_retries, "backoff": [self.backoff_base, self.backoff_max],
+                    "cooldown": self.endpoint_cooldown,
+                    "key": hashlib.sha256((self.api_key or "").encode()).hexdigest()[:12]}
+        return json.dumps(material, sort_keys=True)

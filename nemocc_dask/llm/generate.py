@@ -1,0 +1,173 @@
+"""Generation for one partition: build prompts, reuse journaled answers, stream the rest through the
+worker's pool, journal each answer as it arrives, and add the result columns.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from nemocc_dask.llm.config import LLMConfig
+from nemocc_dask.llm.pool import Request, Result, get_pool
+from nemocc_dask.presets import TaskPreset
+from nemocc_dask.stages.backend import series_like, to_host_list
+from nemocc_dask.tokenizer import count_tokens_list, load_tokenizer, prompt_overhead_tokens
+
+
+def result_columns(preset: TaskPreset) -> dict[str, str]:
+    """The columns ``generate`` adds, with their explicit dtypes."""
+    return {preset.output_field: "string", "llm_finish_reason": "string",
+            "llm_prompt_tokens": "Int64", "llm_completion_tokens": "Int64", "llm_error": "string",
+            "llm_model": "string", "task": "string"}
+
+
+def request_key(messages: list[dict], settings: dict) -> str:
+    """Hash of everything that determines an answer: model, messages, generation settings."""
+    material = json.dumps([messages, settings], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+class Journal:
+    """Append-only JSON-lines file of finished requests for one partition, keyed by request hash."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def load(self) -> dict[str, dict]:
+        """Records by key; a torn last line (from a killed process) is ignored."""
+        records: dict[str, dict] = {}
+        if not self.path.exists():
+            return records
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                    records[record["key"]] = record
+                except (ValueError, KeyError):
+                    continue
+        return records
+
+    def open(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return open(self.path, "a", encoding="utf-8")
+
+
+def _record(result: Result) -> dict:
+    c = result.completion
+    return {"key": result.key, "text": c.text if c else None,
+            "finish_reason": c.finish_reason if c else None,
+            "prompt_tokens": c.prompt_tokens if c else None,
+            "completion_tokens": c.completion_tokens if c else None,
+            "choices": c.choices if c and c.choices else None,
+            "error": result.error or (None if c is None or c.text is not None
+                                      else "empty_response: the answer has no content"),
+            "error_class": result.error_class or (None if c is None or c.text is not None
+                                                  else "empty_response"),
+            "endpoint": result.endpoint, "latency": round(result.latency, 4),
+            "attempts": result.attempts, "failed_endpoints": result.failed_endpoints}
+
+
+def new_stats() -> dict:
+    return {"requests": 0, "attempts": 0, "retries": 0, "reused_answers": 0, "duplicate_prompts": 0,
+            "failed_by_class": collections.Counter(), "endpoints": {}}
+
+
+def _count_endpoint(stats: dict, record: dict) -> None:
+    for name in record["failed_endpoints"]:
+        ep = stats["endpoints"].setdefault(name, {"requests": 0, "errors": 0, "latency_sum": 0.0})
+        ep["errors"] += 1
+    if record["endpoint"]:
+        ep = stats["endpoints"].setdefault(record["endpoint"],
+                                           {"requests": 0, "errors": 0, "latency_sum": 0.0})
+        ep["requests"] += 1
+        ep["latency_sum"] += record["latency"]
+
+
+def generate_partition(df, preset: TaskPreset, llm: LLMConfig, window: int, tokenizer=None,
+                       journal_path: str | None = None, retry_failed: bool = False,
+                       return_stats: bool = False):
+    """Add the task's output field and the ``llm_*`` columns to one partition of segments.
+
+    Reads the preset's input field. A prompt longer than ``max_input_tokens`` is not sent (error
+    ``prompt_too_long``); identical prompts are sent once. With ``journal_path``, answers already
+    journaled are reused (failed ones only without ``retry_failed``) and new ones are appended as
+    they arrive. Returns the frame, or (frame, stats) with ``return_stats``.
+    """
+    tok = load_tokenizer(tokenizer)
+    texts = to_host_list(df[preset.input_field])
+    settings = llm.request_settings(preset)
+    overhead = prompt_overhead_tokens(tok, preset)
+    lengths = count_tokens_list(tok, texts, add_special_tokens=False)
+    stats = new_stats()
+    records: dict[str, dict] = {}
+    row_keys: list[str | None] = []
+    pending: dict[str, Request] = {}
+    journal = Journal(journal_path) if journal_path else None
+    known = journal.load() if journal else {}
+    for text, n_tokens in zip(texts, lengths):
+        if not isinstance(text, str) or not text:
+            row_keys.append("invalid_text: the input text is missing or empty")
+            continue
+        if n_tokens + overhead > preset.max_input_tokens:
+            row_keys.append(f"prompt_too_long: {n_tokens + overhead} tokens > max_input_tokens "
+                            f"{preset.max_input_tokens}")
+            continue
+        messages = preset.messages(text)
+        key = request_key(messages, settings)
+        row_keys.append(key)
+        old = known.get(key)
+        if old is not None and not (retry_failed and old.get("error")):
+            records[key] = old
+            stats["reused_answers"] += 1
+        elif key in pending:
+            stats["duplicate_prompts"] += 1
+        else:
+            pending[key] = Request(key, messages, settings)
+    if pending:
+        pool = get_pool(llm, window)
+        sink = journal.open() if journal else None
+        try:
+            for result in pool.stream(list(pending.values())):
+                record = _record(result)
+                records[result.key] = record
+                stats["requests"] += 1
+                stats["attempts"] += record["attempts"]
+                _count_endpoint(stats, record)
+                if sink is not None:
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    sink.flush()
+        finally:
+            if sink is not None:
+                sink.close()
+    stats["retries"] = stats["attempts"] - stats["requests"]
+    out = _with_results(df, preset, llm, row_keys, records, stats)
+    return (out, stats) if return_stats else out
+
+
+def _with_results(df, preset, llm, row_keys, records, stats):
+    columns = {name: [] for name in result_columns(preset)}
+    choices = []
+    for key in row_keys:
+        record = records.get(key)
+        if record is None:  # the key holds the reason the row was not sent
+            record = {"error": key, "error_class": key.split(":", 1)[0]}
+        error = record.get("error")
+        if error:
+            stats["failed_by_class"][record.get("error_class") or "error"] += 1
+        columns[preset.output_field].append(None if error else record.get("text"))
+        columns["llm_finish_reason"].append(record.get("finish_reason"))
+        columns["llm_prompt_tokens"].append(record.get("prompt_tokens"))
+        columns["llm_completion_tokens"].append(record.get("completion_tokens"))
+        columns["llm_error"].append(error)
+        choices.append(json.dumps(record.get("choices")) if record.get("choices") else None)
+    columns["llm_model"] = [llm.model or llm.endpoints[0]] * len(row_keys)
+    columns["task"] = [preset.name] * len(row_keys)
+    out = df.copy()
+    for name, dtype in result_columns(preset).items():
+        out[name] = series_like(columns[name], df, dtype=dtype)
+    if llm.return_all_choices:
+        out["llm_choices"] = series_like(choices, df)
+    return out

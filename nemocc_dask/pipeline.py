@@ -1,0 +1,98 @@
+"""Dask-level pipeline: ``preprocess``, ``generate``, ``postprocess`` and ``run_task`` build lazy Dask
+DataFrames from the partition functions; nothing is computed on the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from nemocc_dask.llm.config import LLMConfig
+from nemocc_dask.llm.generate import generate_partition
+from nemocc_dask.llm.preflight import preflight
+from nemocc_dask.presets import TaskPreset, get_preset
+from nemocc_dask.stages.postprocess import postprocess_partition, resolve_steps
+from nemocc_dask.stages.preprocess import preprocess_partition
+
+
+def require_columns(columns, needed: dict[str, str]) -> None:
+    """Raise ValueError naming each missing column (by its role) and the columns that exist."""
+    present = list(columns)
+    for role, name in needed.items():
+        if name not in present:
+            raise ValueError(f"{role} column {name!r} not found; the input has columns "
+                             f"{present}. Pass the right name (e.g. --{role}-field / {role}_field=)")
+
+
+def resolve_task(task: str | TaskPreset, text_field: str | None = None,
+                 **overrides) -> TaskPreset:
+    """The preset for ``task`` with overrides; ``text_field`` becomes the preset's input field."""
+    preset = get_preset(task, **overrides)
+    if text_field and text_field != preset.input_field:
+        preset = dataclasses.replace(preset, input_field=text_field)
+    resolve_steps(preset.postprocess_steps)
+    return preset
+
+
+def worker_window(llm: LLMConfig, n_workers: int | None = None) -> int:
+    """Each worker's share of ``llm.max_in_flight`` (per endpoint): ceil(total / workers)."""
+    if n_workers is None:
+        try:
+            from distributed import get_client
+
+            n_workers = len(get_client().scheduler_info(n_workers=-1)["workers"])
+        except (ImportError, ValueError):
+            n_workers = 1
+    return max(1, math.ceil(llm.max_in_flight / max(1, n_workers)))
+
+
+def preprocess(ddf, task: str | TaskPreset, tokenizer=None, text_field: str | None = None,
+               id_field: str = "id", **overrides):
+    """Segments ready for prompting: every input column plus ``document_token_count``,
+    ``segment_id`` and ``segment_token_count`` (lazy, partition-wise, no shuffle)."""
+    preset = resolve_task(task, text_field, **overrides)
+    require_columns(ddf.columns, {"text": preset.input_field, "id": id_field})
+    kwargs = dict(preset=preset, tokenizer=tokenizer, text_field=preset.input_field,
+                  id_field=id_field)
+    meta = preprocess_partition(ddf._meta, **kwargs)
+    return ddf.map_partitions(preprocess_partition, **kwargs, meta=meta)
+
+
+def generate(ddf, task: str | TaskPreset, llm: LLMConfig, tokenizer=None,
+             text_field: str | None = None, window: int | None = None, check_endpoint: bool = True,
+             **overrides):
+    """Add the task's output field, ``llm_finish_reason``, ``llm_prompt_tokens``,
+    ``llm_completion_tokens``, ``llm_error``, ``llm_model`` and ``task`` to every row (lazy).
+
+    The endpoint is checked at once (``GET /models``) unless ``check_endpoint=False``; ``window``
+    is the per-worker in-flight share (default: ``max_in_flight`` / number of workers).
+    """
+    preset = resolve_task(task, text_field, **overrides)
+    require_columns(ddf.columns, {"text": preset.input_field})
+    if check_endpoint:
+        preflight(llm)
+    kwargs = dict(preset=preset, llm=llm, window=window or worker_window(llm),
+                  tokenizer=tokenizer)
+    meta = generate_partition(ddf._meta, **kwargs)
+    return ddf.map_partitions(generate_partition, **kwargs, meta=meta)
+
+
+def postprocess(ddf, task: str | TaskPreset, tokenizer=None, id_field: str = "id", seed: int = 0,
+                text_field: str | None = None, **overrides):
+    """The task's post-processing chain: one row per kept result (lazy). Rows removed by a step
+    are dropped here; ``run_to_parquet`` keeps them as rejects with their reason."""
+    preset = resolve_task(task, text_field, **overrides)
+    require_columns(ddf.columns, {"output": preset.output_field, "id": id_field})
+    kwargs = dict(preset=preset, tokenizer=tokenizer, id_field=id_field, seed=seed)
+    meta = postprocess_partition(ddf._meta, **kwargs)
+    return ddf.map_partitions(postprocess_partition, **kwargs, meta=meta)
+
+
+def run_task(ddf, task: str | TaskPreset, llm: LLMConfig, tokenizer=None,
+             text_field: str | None = None, id_field: str = "id", seed: int = 0, **overrides):
+    """preprocess -> generate -> postprocess, lazy. Truncated and failed rows are not in the
+    result (use ``run_to_parquet`` to keep them as rejects)."""
+    preset = resolve_task(task, text_field, **overrides)
+    segments = preprocess(ddf, preset, tokenizer, id_field=id_field)
+    generated = generate(segments, preset, llm, tokenizer)
+    return postprocess(generated, preset, tokenizer, id_field=id_field, seed=seed)
