@@ -13,6 +13,7 @@ import functools
 import importlib.metadata
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,6 +59,9 @@ def _build_default_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=fast)
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=8)
 def _load_cached(spec: str | None):
     if spec is None:
@@ -87,7 +91,9 @@ def load_tokenizer(spec: Any = None):
     Cached per process.
     """
     if spec is None or isinstance(spec, str):
-        return _load_cached(spec)
+        # transformers' lazy module is not safe to import from several threads at once
+        with _LOAD_LOCK:
+            return _load_cached(spec)
     return spec
 
 

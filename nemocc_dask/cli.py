@@ -1,0 +1,237 @@
+"""The ``nemocc-dask`` command: run, nemotron-cc, demo, serve-mock, presets.
+
+Exit status: 0 when a run finished (even with failed rows, which the summary shows), 2 when it could
+not start (bad input, output folder, endpoint, cluster), 1 on an unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from nemocc_dask import io
+from nemocc_dask.cluster import ClusterError, make_client
+from nemocc_dask.llm.config import LLMConfig
+from nemocc_dask.llm.preflight import PreflightError
+from nemocc_dask.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS, PRESETS
+from nemocc_dask.report import combine, render_table
+from nemocc_dask.runner import OutputError
+
+USAGE_ERRORS = (ValueError, PreflightError, ClusterError, OutputError, FileNotFoundError)
+
+
+def _add_endpoint_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("endpoint")
+    g.add_argument("--base-url", action="append", required=required,
+                   help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (repeatable)")
+    g.add_argument("--model", required=required, help="model name served by the endpoint")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default OPENAI_API_KEY)")
+    g.add_argument("--max-in-flight", type=int, default=64,
+                   help="requests in flight per endpoint across all workers (default 64)")
+    g.add_argument("--max-retries", type=int, default=5)
+    g.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int, help="sent as an extra body field, only when given")
+    g.add_argument("--max-tokens", type=int, help="default: the task's max output tokens")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", action="append", required=True,
+                   help="parquet/JSONL file or folder (repeatable)")
+    p.add_argument("--output", required=True, help="output folder (resumed when rerun)")
+    p.add_argument("--tokenizer", help="HF name in the local cache, folder or tokenizer.json "
+                                       "(default: bundled offline Qwen2.5 tokenizer)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-row sampling (diverse_qa)")
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="resend requests that failed in an earlier run")
+    p.add_argument("--rows-per-partition", type=int, default=io.DEFAULT_ROWS_PER_PARTITION)
+    p.add_argument("--no-progress", action="store_true")
+    c = p.add_argument_group("cluster")
+    c.add_argument("--cluster", choices=["local", "local-cuda", "slurm"])
+    c.add_argument("--scheduler", help="address of a running scheduler (tcp://host:8786)")
+    c.add_argument("--scheduler-file", help="scheduler file of a running scheduler")
+    c.add_argument("--workers", type=int, help="local worker processes (default 2)")
+    c.add_argument("--threads-per-worker", type=int, help="partitions in flight per worker")
+    c.add_argument("--slurm-jobs", type=int, help="SLURM worker jobs")
+    c.add_argument("--slurm-queue")
+    c.add_argument("--slurm-account")
+    c.add_argument("--slurm-walltime")
+
+
+def _llm_from_args(args) -> LLMConfig:
+    return LLMConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
+                     max_in_flight=args.max_in_flight, max_retries=args.max_retries,
+                     timeout=args.timeout, temperature=args.temperature, top_p=args.top_p,
+                     top_k=args.top_k, max_tokens=args.max_tokens, stop=args.stop)
+
+
+@contextlib.contextmanager
+def _client(args):
+    client = make_client(args.cluster, args.scheduler, args.scheduler_file, args.workers,
+                         args.threads_per_worker, jobs=args.slurm_jobs, queue=args.slurm_queue,
+                         account=args.slurm_account, walltime=args.slurm_walltime)
+    try:
+        yield client
+    finally:
+        cluster = client.cluster
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _print_reports(reports: dict, out: Path) -> None:
+    for name, report in reports.items():
+        print(render_table(report, f"task {name}"))
+        print()
+    print(f"output: {out}")
+
+
+def cmd_run(args) -> int:
+    from nemocc_dask.runner import run_to_parquet
+    from nemocc_dask.task_file import load_task_file
+
+    if not args.task and not args.prompt_file:
+        raise ValueError("give --task NAME (one of " + ", ".join(PRESETS) + ") or --prompt-file")
+    task = load_task_file(args.prompt_file) if args.prompt_file else args.task
+    llm = _llm_from_args(args)
+    with _client(args):
+        report = run_to_parquet(args.input, args.output, task, llm, args.tokenizer,
+                                args.text_field, args.id_field, args.seed, args.overwrite,
+                                args.retry_failed, args.rows_per_partition, not args.no_progress)
+    _print_reports({report["task"]: report}, Path(args.output))
+    return 0
+
+
+def cmd_nemotron_cc(args) -> int:
+    from nemocc_dask.nemotron_cc import run_nemotron_cc_to_parquet
+
+    tasks = [t for t in (args.tasks or "").split(",") if t] or None
+    llm = _llm_from_args(args)
+    with _client(args):
+        reports = run_nemotron_cc_to_parquet(
+            args.input, args.output, llm, quality_field=args.quality_field,
+            threshold=args.threshold, tasks=tasks, tokenizer=args.tokenizer,
+            text_field=args.text_field, id_field=args.id_field, seed=args.seed,
+            overwrite=args.overwrite, retry_failed=args.retry_failed,
+            rows_per_partition=args.rows_per_partition, show_progress=not args.no_progress)
+    _print_reports(reports, Path(args.output))
+    combined = combine(reports)
+    print(json.dumps({"total": combined["total"]}, indent=1))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from nemocc_dask.llm.mock import MockLLMServer
+    from nemocc_dask.runner import run_to_parquet
+
+    out = Path(args.output or Path(tempfile.gettempdir()) / "nemocc-dask-demo")
+    with MockLLMServer(latency=0.05, per_token_latency=0.0005) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_in_flight=64)
+        print(f"mock LLM server on {server.base_url}; sample corpus {io.SAMPLE_PATH}",
+              file=sys.stderr)
+        with _client(args):
+            report = run_to_parquet(str(io.SAMPLE_PATH), out, args.task, llm, overwrite=True,
+                                    rows_per_partition=50, show_progress=not args.no_progress)
+    _print_reports({args.task: report}, out)
+    print(f"rows are in {out / 'parts'}; rejects in {out / 'rejects'}; report {out / 'report.json'}")
+    return 0
+
+
+def cmd_serve_mock(args) -> int:
+    from nemocc_dask.llm.mock import serve_forever
+
+    serve_forever(port=args.port, models=tuple(args.model or ["mock"]), latency=args.latency,
+                  per_token_latency=args.per_token_latency, max_concurrency=args.max_concurrency,
+                  rate_429=args.rate_429, rate_500=args.rate_500, rate_drop=args.rate_drop,
+                  api_key=os.environ.get(args.api_key_env) if args.api_key_env else None)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    header = ("task", "output", "min doc", "min seg", "max in", "max out", "post max", "post min",
+              "prefix")
+    rows = [header] + [(p.name, p.output_field, p.min_document_tokens, p.min_segment_tokens,
+                        p.max_input_tokens, p.max_output_tokens, p.effective_postprocess_max_tokens,
+                        p.postprocess_min_tokens, p.response_prefix or "-")
+                       for p in PRESETS.values()]
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+    print("\ngeneration defaults: temperature 0.5, top_p 0.9, max_tokens = max out, no stop, "
+          "no top_k")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nemocc-dask", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one task over parquet/JSONL input")
+    run.add_argument("--task", choices=list(PRESETS))
+    run.add_argument("--prompt-file", help="custom task as TOML, YAML or JSON")
+    _add_run_options(run)
+    _add_endpoint_options(run)
+    run.set_defaults(fn=cmd_run)
+
+    full = sub.add_parser("nemotron-cc", help="the quality-routed five-task pipeline")
+    full.add_argument("--quality-field", default="bucketed_results")
+    full.add_argument("--threshold", type=float, default=11,
+                      help="buckets > threshold are high quality (default 11)")
+    full.add_argument("--tasks", help="comma-separated subset of: "
+                                      + ",".join(LOW_QUALITY_TASKS + HIGH_QUALITY_TASKS))
+    _add_run_options(full)
+    _add_endpoint_options(full)
+    full.set_defaults(fn=cmd_nemotron_cc)
+
+    demo = sub.add_parser("demo", help="bundled sample + in-process mock server + LocalCluster")
+    demo.add_argument("--task", default="diverse_qa", choices=list(PRESETS))
+    demo.add_argument("--output", help="output folder (default: a temp folder)")
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--threads-per-worker", type=int, default=2)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(fn=cmd_demo, cluster="local", scheduler=None, scheduler_file=None,
+                      slurm_jobs=None, slurm_queue=None, slurm_account=None, slurm_walltime=None)
+
+    mock = sub.add_parser("serve-mock", help="serve the mock OpenAI-compatible LLM")
+    mock.add_argument("--port", type=int, default=8000)
+    mock.add_argument("--model", action="append")
+    mock.add_argument("--latency", type=float, default=0.2, help="fixed seconds per request")
+    mock.add_argument("--per-token-latency", type=float, default=0.002)
+    mock.add_argument("--max-concurrency", type=int, default=2048)
+    mock.add_argument("--rate-429", type=float, default=0.0)
+    mock.add_argument("--rate-500", type=float, default=0.0)
+    mock.add_argument("--rate-drop", type=float, default=0.0)
+    mock.add_argument("--api-key-env", help="require the key in this environment variable")
+    mock.set_defaults(fn=cmd_serve_mock)
+
+    presets = sub.add_parser("presets", help="print the task defaults table")
+    presets.set_defaults(fn=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except USAGE_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

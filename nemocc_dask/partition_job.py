@@ -1,0 +1,137 @@
+"""One input partition, end to end, on a worker: route -> preprocess -> generate (journaled) ->
+postprocess -> write rejects, stats and the output part atomically. The output part is written
+last, so its existence means the partition is finished.
+
+Output folder layout (one per task)::
+
+    run.json                   fingerprint and settings of the run (no secrets)
+    parts/part-00000.parquet   kept rows of input partition 0
+    rejects/part-00000.parquet removed rows with ``reject_reason``
+    stats/part-00000.json      the partition's counts (summed into report.json)
+    journal/part-00000.jsonl   answers received so far (reused after a crash)
+    report.json                the run report
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from nemocc_dask.io import atomic_write_bytes, atomic_write_parquet
+from nemocc_dask.llm.config import LLMConfig
+from nemocc_dask.llm.generate import generate_partition
+from nemocc_dask.presets import TaskPreset
+from nemocc_dask.stages.backend import series_like, to_host_list
+from nemocc_dask.stages.postprocess import REJECT_REASON, postprocess_partition
+from nemocc_dask.stages.preprocess import preprocess_partition
+
+
+@dataclass(frozen=True)
+class Route:
+    """Keep documents whose ``field`` is ``> threshold`` (``high``) or ``<= threshold`` (low)."""
+
+    field: str
+    threshold: float
+    high: bool
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    """Everything a worker needs to process and write one partition of one task (picklable)."""
+
+    preset: TaskPreset
+    llm: LLMConfig
+    window: int
+    out_dir: str
+    tokenizer: str | None = None
+    id_field: str = "id"
+    seed: int = 0
+    retry_failed: bool = False
+    route: Route | None = None
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+def part_path(out_dir: str | Path, index: int) -> Path:
+    return Path(out_dir) / "parts" / f"{part_name(index)}.parquet"
+
+
+def _apply_route(df, route: Route | None) -> tuple[object, int]:
+    if route is None:
+        return df, 0
+    values = pd.to_numeric(pd.Series(to_host_list(df[route.field]), dtype="object"),
+                           errors="coerce")
+    invalid = values.isna()
+    chosen = (values > route.threshold) if route.high else (values <= route.threshold)
+    mask = (chosen & ~invalid).tolist()
+    return df[series_like(mask, df, dtype=bool)], int(invalid.sum())
+
+
+def _document_outcomes(input_ids: list, dropped: pd.DataFrame, kept_ids: set,
+                       rejects: pd.DataFrame, id_field: str) -> tuple[int, Counter]:
+    """(documents written, documents not written by reason); every input id is counted once."""
+    reasons = Counter()
+    dropped_ids = dict(zip(dropped["id"], dropped["reason"]))
+    reject_reason = {}
+    for doc_id, reason in zip(rejects[id_field].tolist(), rejects[REJECT_REASON].tolist()):
+        reject_reason.setdefault(doc_id, reason)
+    written = 0
+    for doc_id in set(input_ids):
+        if doc_id in kept_ids:
+            written += 1
+        elif doc_id in dropped_ids:
+            reasons[dropped_ids[doc_id]] += 1
+        else:
+            reasons[reject_reason.get(doc_id, "no_output")] += 1
+    return written, reasons
+
+
+def process_partition(df, index: int, plan: PartitionPlan) -> dict:
+    """Process input partition ``index`` and write its files; returns its stats (also written to
+    ``stats/part-NNNNN.json``). A partition already written is not redone."""
+    out = Path(plan.out_dir)
+    stats_file = out / "stats" / f"{part_name(index)}.json"
+    if part_path(out, index).exists() and stats_file.exists():
+        return json.loads(stats_file.read_text())
+    started = time.time()
+    routed, invalid_quality = _apply_route(df, plan.route)
+    segments, dropped = preprocess_partition(routed, plan.preset, plan.tokenizer,
+                                             plan.preset.input_field, plan.id_field,
+                                             return_dropped=True)
+    generated, gen_stats = generate_partition(
+        segments, plan.preset, plan.llm, plan.window, plan.tokenizer,
+        journal_path=str(out / "journal" / f"{part_name(index)}.jsonl"),
+        retry_failed=plan.retry_failed, return_stats=True)
+    kept, rejects = postprocess_partition(generated, plan.preset, plan.tokenizer, plan.id_field,
+                                          plan.seed, return_rejects=True)
+    input_ids = to_host_list(routed[plan.id_field])
+    written, not_written = _document_outcomes(
+        input_ids, dropped, set(to_host_list(kept[plan.id_field])),
+        rejects.to_pandas() if hasattr(rejects, "to_pandas") else rejects, plan.id_field)
+    stats = {
+        "partition": index, "task": plan.preset.name,
+        "documents_in": len(set(input_ids)), "documents_written": written,
+        "documents_not_written": dict(not_written), "documents_invalid_quality": invalid_quality,
+        "segments": len(segments), "rows_written": len(kept),
+        "rows_rejected": dict(Counter(to_host_list(rejects[REJECT_REASON]))),
+        "requests": gen_stats["requests"], "attempts": gen_stats["attempts"],
+        "retries": gen_stats["retries"], "reused_answers": gen_stats["reused_answers"],
+        "duplicate_prompts": gen_stats["duplicate_prompts"],
+        "failed_by_class": dict(gen_stats["failed_by_class"]),
+        "prompt_tokens": int(pd.Series(to_host_list(generated["llm_prompt_tokens"]),
+                                       dtype="Int64").sum()),
+        "completion_tokens": int(pd.Series(to_host_list(generated["llm_completion_tokens"]),
+                                           dtype="Int64").sum()),
+        "endpoints": gen_stats["endpoints"], "seconds": round(time.time() - started, 3),
+    }
+    atomic_write_parquet(rejects, out / "rejects" / f"{part_name(index)}.parquet")
+    atomic_write_bytes(stats_file, json.dumps(stats, indent=1).encode())
+    atomic_write_parquet(kept, part_path(out, index))
+    return stats

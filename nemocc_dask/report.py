@@ -1,0 +1,89 @@
+"""The run report: partition stats summed into one JSON document and a printed table.
+
+Counts add up by construction: ``documents_in == documents_written + sum(documents_not_written)``
+(checked and recorded as ``accounted``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+_SUMMED = ("documents_in", "documents_written", "documents_invalid_quality", "segments",
+           "rows_written", "requests", "attempts", "retries", "reused_answers",
+           "duplicate_prompts", "prompt_tokens", "completion_tokens")
+_COUNTERS = ("documents_not_written", "rows_rejected", "failed_by_class")
+
+
+def aggregate(stats: list[dict], wall_seconds: float, partitions_skipped: int = 0) -> dict:
+    """Sum partition stats into a report (tokens/s is completion tokens per wall-clock second)."""
+    report: dict = {k: sum(int(s.get(k, 0)) for s in stats) for k in _SUMMED}
+    for key in _COUNTERS:
+        total = Counter()
+        for s in stats:
+            total.update(s.get(key, {}))
+        report[key] = dict(sorted(total.items()))
+    endpoints: dict[str, dict] = {}
+    for s in stats:
+        for name, ep in s.get("endpoints", {}).items():
+            agg = endpoints.setdefault(name, {"requests": 0, "errors": 0, "latency_sum": 0.0})
+            for k in agg:
+                agg[k] += ep[k]
+    report["endpoints"] = {
+        name: {"requests": ep["requests"], "errors": ep["errors"],
+               "mean_latency_s": round(ep["latency_sum"] / ep["requests"], 4) if ep["requests"]
+               else None}
+        for name, ep in sorted(endpoints.items())}
+    report["partitions"] = len(stats)
+    report["partitions_skipped"] = partitions_skipped
+    report["wall_seconds"] = round(wall_seconds, 3)
+    report["completion_tokens_per_second"] = (round(report["completion_tokens"] / wall_seconds, 1)
+                                              if wall_seconds > 0 else 0.0)
+    report["accounted"] = (report["documents_written"] + sum(report["documents_not_written"].values())
+                           == report["documents_in"])
+    report["empty_input"] = report["documents_in"] == 0 and not report["documents_invalid_quality"]
+    return report
+
+
+def combine(reports: dict[str, dict]) -> dict:
+    """A combined report of several tasks: each task's report plus totals of the summed counts."""
+    totals = {k: sum(r.get(k, 0) for r in reports.values()) for k in _SUMMED}
+    for key in _COUNTERS:
+        total = Counter()
+        for r in reports.values():
+            total.update(r.get(key, {}))
+        totals[key] = dict(sorted(total.items()))
+    totals["accounted"] = all(r.get("accounted", True) for r in reports.values())
+    return {"tasks": reports, "total": totals}
+
+
+def _rows(report: dict) -> list[tuple[str, str]]:
+    rows = [("documents in", report["documents_in"]),
+            ("documents written", report["documents_written"])]
+    rows += [(f"  not written: {k}", v) for k, v in report["documents_not_written"].items()]
+    if report.get("documents_invalid_quality"):
+        rows.append(("documents with invalid quality", report["documents_invalid_quality"]))
+    rows += [("segments", report["segments"]), ("requests sent", report["requests"]),
+             ("retries", report["retries"]), ("reused answers (journal)", report["reused_answers"]),
+             ("duplicate prompts (sent once)", report["duplicate_prompts"])]
+    rows += [(f"  failed: {k}", v) for k, v in report["failed_by_class"].items()]
+    rows += [(f"  filtered: {k}", v) for k, v in report["rows_rejected"].items()]
+    rows += [("rows written", report["rows_written"]),
+             ("prompt tokens", report["prompt_tokens"]),
+             ("completion tokens", report["completion_tokens"])]
+    if "wall_seconds" in report:
+        rows += [("completion tokens/s", report["completion_tokens_per_second"]),
+                 ("wall time (s)", report["wall_seconds"])]
+    for name, ep in report.get("endpoints", {}).items():
+        rows.append((f"endpoint {name}", f"{ep['requests']} ok, {ep['errors']} errors, "
+                                         f"mean {ep['mean_latency_s']} s"))
+    return [(k, str(v)) for k, v in rows]
+
+
+def render_table(report: dict, title: str = "nemocc-dask run") -> str:
+    """A two-column text table of the report."""
+    rows = _rows(report)
+    width = max(len(k) for k, _ in rows)
+    lines = [title, "-" * (width + 16)] + [f"{k:<{width}}  {v:>12}" for k, v in rows]
+    if report.get("empty_input"):
+        lines.append("the input is empty: nothing to do")
+    return "\n".join(lines)
