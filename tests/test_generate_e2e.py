@@ -1,0 +1,129 @@
+"""End-to-end generation on a real LocalCluster (2 workers) against the mock server."""
+
+import pandas as pd
+import pytest
+
+import dask.dataframe as dd
+from nemocc_dask import LLMConfig, PreflightError, generate, preprocess, run_task
+from nemocc_dask.llm.mock import MockLLMServer
+from nemocc_dask.presets import PRESETS
+from nemocc_dask.pipeline import worker_window
+
+from conftest import make_docs
+
+pytestmark = pytest.mark.slow
+
+
+def _ddf(n=40, parts=4):
+    return dd.from_pandas(make_docs(n), npartitions=parts)
+
+
+def _check(task, out, docs):
+    field = PRESETS[task].output_field
+    assert len(out) > 0 and out[field].notna().all()
+    if task == "diverse_qa":
+        assert all(t.startswith(s + "\n\n") and "Question:" in t
+                   for s, t in zip(out["text"], out[field]))
+    elif task == "wikipedia_paraphrasing":
+        assert not out[field].str.contains("Here is a paraphrased version:").any()
+        assert out["id"].is_unique  # one row per document after re-joining
+    elif task == "distill":
+        assert not out[field].str.startswith("Paraphrased Text:").any()
+    elif task == "extract_knowledge":
+        assert not out[field].str.contains(r"^Passage \d:$", regex=True).any()
+    elif task == "knowledge_list":
+        assert not out[field].str.contains(r"^- ", regex=True).any()
+    assert set(out["id"]) <= set(docs["id"])
+
+
+@pytest.mark.parametrize("task", list(PRESETS))
+def test_each_task_end_to_end(cluster_client, task):
+    docs = make_docs(40)
+    with MockLLMServer(latency=0.01) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_in_flight=16)
+        out = run_task(dd.from_pandas(docs, npartitions=4), task, llm).compute()
+        generated = generate(preprocess(dd.from_pandas(docs, npartitions=4), task), task,
+                             llm).compute()
+    _check(task, out, docs)
+    # every document is accounted for: it reached generation, and each row has output or error
+    assert set(generated["id"]) == set(docs["id"])
+    assert (generated[PRESETS[task].output_field].notna() | generated["llm_error"].notna()).all()
+    assert str(generated["llm_error"].dtype) == "string"
+    assert str(generated["llm_prompt_tokens"].dtype) == "Int64"
+
+
+def test_faults_give_same_output_as_clean_run(cluster_client):
+    ddf = _ddf(60, 4)
+    with MockLLMServer(latency=0.01) as clean:
+        llm = LLMConfig(base_url=clean.base_url, model="mock", max_in_flight=32)
+        expected = run_task(ddf, "diverse_qa", llm).compute()
+    with MockLLMServer(latency=0.01, rate_429=0.05, rate_500=0.02, rate_drop=0.01,
+                       retry_after=0.01, seed=1) as faulty:
+        llm = LLMConfig(base_url=faulty.base_url, model="mock", max_in_flight=32,
+                        backoff_base=0.01, max_retries=8)
+        got = run_task(ddf, "diverse_qa", llm).compute()
+    assert faulty.stats.injected_429 + faulty.stats.injected_500 + faulty.stats.dropped > 0
+    key = ["id", "segment_id"]
+    pd.testing.assert_frame_equal(got.sort_values(key).reset_index(drop=True),
+                                  expected.sort_values(key).reset_index(drop=True))
+
+
+def test_one_bad_row_fails_alone(cluster_client):
+    docs = make_docs(20)
+    docs.loc[3, "text"] = docs.loc[3, "text"] + " POISON"
+    with MockLLMServer(fail_marker="POISON") as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock")
+        out = generate(preprocess(dd.from_pandas(docs, npartitions=2), "distill"), "distill",
+                       llm).compute()
+    bad = out[out["text"].str.contains("POISON")]
+    assert len(bad) == 1 and bad["llm_error"].iloc[0].startswith("http_400")
+    assert bad["distill"].isna().all()
+    good = out[~out["text"].str.contains("POISON")]
+    assert good["llm_error"].isna().all() and good["distill"].notna().all()
+
+
+def test_identical_prompts_are_sent_once(cluster_client):
+    docs = make_docs(10)
+    docs["text"] = docs["text"].iloc[0]
+    with MockLLMServer() as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock")
+        out = generate(preprocess(dd.from_pandas(docs, npartitions=1), "distill"), "distill",
+                       llm).compute()
+    assert len(out) == 10 and out["distill"].nunique() == 1
+    assert server.stats.requests == 1
+
+
+def test_prompt_too_long_is_not_sent():
+    docs = make_docs(3)
+    with MockLLMServer() as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock")
+        out = generate(dd.from_pandas(docs.assign(segment_id=0), npartitions=1), "knowledge_list",
+                       llm, max_input_tokens=50).compute(scheduler="sync")
+    assert out["llm_error"].str.startswith("prompt_too_long").all()
+    assert server.stats.requests == 0
+
+
+def test_preflight_errors_name_the_fix():
+    with MockLLMServer(api_key="right-key") as server:
+        with pytest.raises(PreflightError, match="refused the API key"):
+            generate(_ddf(4, 1), "distill", LLMConfig(base_url=server.base_url, model="mock",
+                                                      api_key="wrong"))
+        with pytest.raises(PreflightError, match="not served.*mock"):
+            generate(_ddf(4, 1), "distill", LLMConfig(base_url=server.base_url, model="gpt-x",
+                                                      api_key="right-key"))
+        url = server.base_url
+    with pytest.raises(PreflightError, match="cannot reach endpoint"):
+        generate(_ddf(4, 1), "distill", LLMConfig(base_url=url, model="mock"))
+
+
+def test_worker_window_is_a_share_of_the_total():
+    llm = LLMConfig(base_url="http://127.0.0.1:1/v1", model="m", max_in_flight=100)
+    assert worker_window(llm, 3) == 34 and worker_window(llm, 1) == 100
+
+
+def test_missing_columns_are_named():
+    ddf = dd.from_pandas(pd.DataFrame({"doc": [1], "body": ["x"]}), npartitions=1)
+    with pytest.raises(ValueError, match=r"text column 'text' not found.*\['doc', 'body'\]"):
+        preprocess(ddf, "distill")
+    with pytest.raises(ValueError, match="id column 'id' not found"):
+        preprocess(ddf, "distill", text_field="body")

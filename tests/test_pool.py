@@ -1,0 +1,80 @@
+"""The per-worker pool against the real mock server: retries, backoff, window sharing."""
+
+import time
+
+import pytest
+
+from nemocc_dask.llm.config import LLMConfig
+from nemocc_dask.llm.mock import MockLLMServer
+from nemocc_dask.llm.pool import Request, WorkerPool, _factories
+from nemocc_dask.presets import PRESETS
+
+
+def _pool(llm: LLMConfig, window: int) -> WorkerPool:
+    return WorkerPool(_factories(llm, window), window, llm.max_retries, llm.backoff_base,
+                      llm.backoff_max, llm.endpoint_cooldown, llm.api_key)
+
+
+def _requests(n, preset=PRESETS["knowledge_list"], tag=""):
+    settings = {"model": "mock", "max_tokens": 600}
+    return [Request(f"k{i}", preset.messages(f"Fact {i}{tag}. Another fact about {i}."), settings)
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("status_rate, status", [("rate_500", 500), ("rate_429", 429)])
+def test_exactly_max_retries_plus_one_attempts(status_rate, status):
+    with MockLLMServer(**{status_rate: 1.0}, retry_after=0.01) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=3,
+                        backoff_base=0.01, backoff_max=0.05)
+        pool = _pool(llm, 4)
+        [result] = list(pool.stream(_requests(1)))
+        pool.close()
+    assert result.attempts == 4 and server.stats.requests == 4
+    assert result.error_class == f"http_{status}" and result.completion is None
+
+
+def test_400_is_not_retried():
+    with MockLLMServer(fail_marker="Fact 0") as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=5)
+        pool = _pool(llm, 4)
+        results = {r.key: r for r in pool.stream(_requests(3))}
+        pool.close()
+    assert results["k0"].attempts == 1 and results["k0"].error_class == "http_400"
+    assert results["k1"].completion.text and results["k2"].error is None
+
+
+def test_backoff_honours_retry_after():
+    with MockLLMServer(rate_429=1.0, retry_after=0.3) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=2,
+                        backoff_base=0.001, backoff_max=5)
+        pool = _pool(llm, 2)
+        started = time.monotonic()
+        list(pool.stream(_requests(1)))
+        pool.close()
+    assert time.monotonic() - started >= 0.6  # two waits of at least Retry-After
+
+
+def test_overload_shrinks_window_and_success_regrows_it():
+    with MockLLMServer(rate_429=1.0, retry_after=0.0) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=0)
+        pool = _pool(llm, 16)
+        pool.endpoints[0].mean_latency = 0.0
+        list(pool.stream(_requests(8)))
+        shrunk = pool.endpoints[0].window
+        server.rates = (0.0, 0.0, 0.0)
+        list(pool.stream(_requests(40, tag="b")))
+        pool.close()
+    assert shrunk < 16
+    assert pool.endpoints[0].window == 16
+
+
+def test_window_is_filled_and_slides():
+    with MockLLMServer(latency=0.05, per_token_latency=0.001, track_in_flight=True) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock")
+        pool = _pool(llm, 8)
+        list(pool.stream(_requests(120)))
+        pool.close()
+    assert server.stats.max_in_flight == 8
+    busy = [n for _, n in server.stats.in_flight_samples if n > 0]
+    # while work remains the window stays (nearly) full: no waves that drain to zero
+    assert sum(n >= 6 for n in busy) / len(busy) > 0.8
