@@ -42,6 +42,9 @@ def split_documents(df, text_field: str = "text", separator: str = "\n",
     columns are copied onto every segment. The index is reset.
     """
     out = df.reset_index(drop=True)
+    if len(out) == 0:
+        out[segment_id_field] = out.index.astype("int64") if len(out.columns) else []
+        return out
     out[_DOC_ROW] = series_like(list(range(len(out))), out, dtype="int64")
     out[text_field] = out[text_field].str.split(separator, regex=False)
     out = out.explode(text_field).reset_index(drop=True)

@@ -1,0 +1,245 @@
+"""Lossless, resumable runs: kill and resume, a lost worker, bad inputs, secrets, the report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nemocc_dask import LLMConfig
+from nemocc_dask.llm.mock import MockLLMServer
+from nemocc_dask.runner import OutputError, run_to_parquet
+from nemocc_dask.io import InputError
+
+from conftest import make_docs
+
+pytestmark = pytest.mark.slow
+
+
+def read_parts(out: Path) -> pd.DataFrame:
+    files = sorted((out / "parts").glob("*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def assert_report_adds_up(report: dict) -> None:
+    assert report["accounted"]
+    assert report["documents_written"] + sum(report["documents_not_written"].values()) == \
+        report["documents_in"]
+
+
+def cli(*args, env=None):
+    return [sys.executable, "-m", "nemocc_dask.cli", *args]
+
+
+def test_run_writes_layout_and_report(tmp_path, docs_parquet, cluster_client):
+    out = tmp_path / "out"
+    with MockLLMServer(latency=0.01) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_in_flight=16)
+        report = run_to_parquet(docs_parquet, out, "diverse_qa", llm, rows_per_partition=20,
+                                show_progress=False)
+        requests_first = server.stats.requests
+        again = run_to_parquet(docs_parquet, out, "diverse_qa", llm, rows_per_partition=20,
+                               show_progress=False)
+    assert sorted(p.name for p in (out / "parts").iterdir()) == \
+        ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert (out / "report.json").exists() and (out / "run.json").exists()
+    assert report["documents_in"] == 60 and report["rows_written"] == len(read_parts(out))
+    assert_report_adds_up(report)
+    assert server.stats.requests == requests_first  # the rerun skipped every partition
+    assert again["partitions_skipped"] == 3 and again["rows_written"] == report["rows_written"]
+    rejects = pd.concat([pd.read_parquet(f) for f in (out / "rejects").glob("*.parquet")])
+    assert set(rejects["reject_reason"]) <= {"truncated", "too_long", "empty_parse", "too_short",
+                                             "llm_error"}
+    assert sum(report["rows_rejected"].values()) == len(rejects)
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, docs_parquet):
+    with MockLLMServer(latency=0.3) as server:
+        base = ["run", "--task", "knowledge_list", "--input", str(docs_parquet),
+                "--base-url", server.base_url, "--model", "mock", "--max-in-flight", "4",
+                "--workers", "1", "--threads-per-worker", "2", "--rows-per-partition", "10",
+                "--no-progress"]
+        reference = tmp_path / "reference"
+        subprocess.run(cli(*base, "--output", str(reference)), check=True, capture_output=True,
+                       timeout=300)
+        out = tmp_path / "out"
+        proc = subprocess.Popen(cli(*base, "--output", str(out)), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            journals = list((out / "journal").glob("*.jsonl")) if (out / "journal").exists() else []
+            if sum(len(j.read_text().splitlines()) for j in journals) >= 20:
+                break
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        answered = sum(len(j.read_text().splitlines()) for j in (out / "journal").glob("*.jsonl"))
+        total_rows = 60
+        before = server.stats.requests
+        subprocess.run(cli(*base, "--output", str(out)), check=True, capture_output=True,
+                       timeout=300)
+        rerun_requests = server.stats.requests - before
+    assert answered >= 20
+    assert rerun_requests <= total_rows - answered + 4
+    key = ["id", "segment_id"]
+    got = read_parts(out).sort_values(key).reset_index(drop=True)
+    expected = read_parts(reference).sort_values(key).reset_index(drop=True)
+    assert not got.duplicated(key).any()
+    pd.testing.assert_frame_equal(got, expected)
+    assert_report_adds_up(json.loads((out / "report.json").read_text()))
+
+
+def test_lost_worker_loses_nothing(tmp_path, docs_parquet):
+    from distributed import Client, LocalCluster
+
+    out = tmp_path / "out"
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client, MockLLMServer(latency=0.2) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_in_flight=8)
+        import threading
+
+        def kill_one_worker():
+            time.sleep(2.5)
+            pid = list(client.run(os.getpid).values())[0]
+            os.kill(pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_one_worker)
+        killer.start()
+        report = run_to_parquet(docs_parquet, out, "knowledge_list", llm, rows_per_partition=10,
+                                show_progress=False)
+        killer.join()
+    parts = read_parts(out)
+    assert not parts.duplicated(["id", "segment_id"]).any()
+    assert report["documents_in"] == 60
+    assert_report_adds_up(report)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.fixture
+def llm_server():
+    with MockLLMServer() as server:
+        yield server, LLMConfig(base_url=server.base_url, model="mock")
+
+
+def _nothing_written(out: Path):
+    return not (out / "parts").exists() or not any((out / "parts").iterdir())
+
+
+def test_missing_input_path(tmp_path, llm_server):
+    server, llm = llm_server
+    with pytest.raises(InputError, match="does not exist"):
+        run_to_parquet(tmp_path / "nope.parquet", tmp_path / "out", "distill", llm)
+    assert server.stats.requests == 0
+
+
+def test_corrupt_parquet_is_named(tmp_path, llm_server):
+    server, llm = llm_server
+    bad = tmp_path / "broken.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InputError, match="broken.parquet"):
+        run_to_parquet(bad, tmp_path / "out", "distill", llm)
+    assert _nothing_written(tmp_path / "out") and server.stats.requests == 0
+
+
+def test_missing_columns_listed(tmp_path, llm_server):
+    server, llm = llm_server
+    path = tmp_path / "x.parquet"
+    pd.DataFrame({"doc_id": [1], "body": ["x"]}).to_parquet(path)
+    with pytest.raises(ValueError, match=r"\['doc_id', 'body'\]"):
+        run_to_parquet(path, tmp_path / "out", "distill", llm)
+    assert server.stats.requests == 0
+
+
+def test_duplicate_ids_rejected_before_requests(tmp_path, llm_server):
+    server, llm = llm_server
+    path = tmp_path / "dupes.jsonl"
+    docs = make_docs(5)
+    docs.loc[4, "id"] = 1
+    docs.to_json(path, orient="records", lines=True)
+    with pytest.raises(InputError, match="duplicate id"):
+        run_to_parquet(path, tmp_path / "out", "distill", llm, show_progress=False)
+    assert server.stats.requests == 0 and _nothing_written(tmp_path / "out")
+
+
+def test_empty_input_gives_empty_output_and_report(tmp_path, llm_server):
+    server, llm = llm_server
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.Table.from_pandas(make_docs(0), preserve_index=False), path)
+    report = run_to_parquet(path, tmp_path / "out", "distill", llm, show_progress=False)
+    assert report["empty_input"] and report["documents_in"] == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["empty_input"]
+
+
+def test_output_folder_with_other_files(tmp_path, llm_server, docs_parquet):
+    server, llm = llm_server
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.docx").write_text("mine")
+    with pytest.raises(OutputError, match="not empty"):
+        run_to_parquet(docs_parquet, out, "distill", llm)
+    assert (out / "thesis.docx").read_text() == "mine"
+
+
+def test_fingerprint_mismatch_needs_overwrite(tmp_path, docs_parquet, cluster_client):
+    with MockLLMServer() as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock")
+        out = tmp_path / "out"
+        run_to_parquet(docs_parquet, out, "knowledge_list", llm, show_progress=False)
+        with pytest.raises(OutputError, match="--overwrite"):
+            run_to_parquet(docs_parquet, out, "knowledge_list", llm, seed=9, show_progress=False)
+        report = run_to_parquet(docs_parquet, out, "knowledge_list", llm, seed=9, overwrite=True,
+                                show_progress=False)
+    assert report["partitions_skipped"] == 0 and report["documents_in"] == 60
+
+
+def test_failed_rows_count_as_done_unless_retry_failed(tmp_path, docs_parquet, cluster_client):
+    with MockLLMServer(fail_marker="species of birds", latency=0.0) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=0)
+        out = tmp_path / "out"
+        first = run_to_parquet(docs_parquet, out, "distill", llm, show_progress=False)
+        assert first["failed_by_class"].get("http_400", 0) > 0
+        shutil_parts(out)
+        before = server.stats.requests
+        second = run_to_parquet(docs_parquet, out, "distill", llm, show_progress=False)
+        assert server.stats.requests == before and second["reused_answers"] > 0
+        shutil_parts(out)
+        run_to_parquet(docs_parquet, out, "distill", llm, retry_failed=True, show_progress=False)
+        assert server.stats.requests > before
+
+
+def shutil_parts(out: Path):
+    """Forget finished partitions (keeps journals), as if the run had been killed before writing."""
+    import shutil
+
+    shutil.rmtree(out / "parts")
+
+
+def test_api_key_never_written(tmp_path, docs_parquet):
+    secret = "sk-test-SECRET-0123456789"
+    with MockLLMServer(api_key=secret, fail_marker="species of birds 10", record_messages=True,
+                       rate_500=0.1) as server:
+        env = dict(os.environ, MY_KEY=secret)
+        out = tmp_path / "out"
+        proc = subprocess.run(cli("-v", "run", "--task", "distill", "--input", str(docs_parquet),
+                                  "--output", str(out), "--base-url", server.base_url,
+                                  "--model", "mock", "--api-key-env", "MY_KEY", "--workers", "1",
+                                  "--max-retries", "1"),
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert server.stats.authorization, proc.stderr[-3000:]
+        assert all(a == f"Bearer {secret}"
+                                                  for a in server.stats.authorization)
+    assert proc.returncode == 0, proc.stderr
+    assert secret not in proc.stdout and secret not in proc.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    from nemocc_dask.llm.config import LLMConfig as Config
+
+    assert secret not in repr(Config(base_url="http://x/v1", model="m", api_key=secret))
