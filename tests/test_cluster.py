@@ -1,0 +1,94 @@
+"""Cluster helper: config defaults, clear errors, and a real SLURM run where slurmctld exists."""
+
+import shutil
+import subprocess
+import time
+
+import dask
+import pandas as pd
+import pytest
+
+from nemocc_dask.cluster import ClusterError, gpu_available, make_client, require_gpu
+
+
+def test_defaults_registered_in_dask_config():
+    assert dask.config.get("nemocc.slurm.walltime") == "04:00:00"
+    assert dask.config.get("nemocc.local.workers") == 2
+    with dask.config.set({"nemocc.slurm.queue": "gpu"}):
+        assert dask.config.get("nemocc.slurm.queue") == "gpu"
+
+
+def test_unknown_cluster_kind():
+    with pytest.raises(ClusterError, match="choose local, local-cuda or slurm"):
+        make_client("kubernetes")
+
+
+@pytest.mark.skipif(gpu_available(), reason="this machine has a usable GPU")
+def test_gpu_request_without_gpu_is_clear():
+    with pytest.raises(ClusterError, match="cuDF|CUDA"):
+        require_gpu()
+
+
+def test_slurm_job_script_has_options():
+    from nemocc_dask.cluster import slurm_cluster
+
+    cluster = slurm_cluster(queue="debug", account="proj", walltime="00:05:00", jobs=0,
+                            job_extra_directives=["--gres=gpu:1"],
+                            scheduler_options={"host": "127.0.0.1", "dashboard_address": None})
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    for expected in ("#SBATCH -p debug", "#SBATCH -A proj", "#SBATCH -t 00:05:00",
+                     "#SBATCH --gres=gpu:1"):
+        assert expected in script
+
+
+def _slurm_running() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not _slurm_running(),
+                    reason="sbatch/slurmctld not available (start one with .ci/slurm_setup.sh)")
+def test_pipeline_on_slurm_workers(tmp_path):
+    from nemocc_dask import LLMConfig
+    from nemocc_dask.llm.mock import MockLLMServer
+    from nemocc_dask.runner import run_to_parquet
+
+    from conftest import make_docs
+
+    path = tmp_path / "docs.parquet"
+    make_docs(20).to_parquet(path, row_group_size=10)
+    client = make_client("slurm", queue="debug", cores=1, memory="2GB", walltime="00:10:00",
+                         jobs=2, interface="lo", log_directory=str(tmp_path / "logs"),
+                         scheduler_options={"host": "127.0.0.1", "dashboard_address": None})
+    try:
+        client.wait_for_workers(2, timeout=120)
+        with MockLLMServer() as server:
+            report = run_to_parquet(path, tmp_path / "out", "knowledge_list",
+                                    LLMConfig(base_url=server.base_url, model="mock"),
+                                    rows_per_partition=10, show_progress=False)
+        job_ids = set(client.run(lambda: __import__("os").environ.get("SLURM_JOB_ID")).values())
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+    assert report["documents_in"] == 20 and report["accounted"] and report["rows_written"] > 0
+    assert len(job_ids) == 2 and None not in job_ids
+    parts = pd.concat(pd.read_parquet(f) for f in (tmp_path / "out" / "parts").glob("*.parquet"))
+    assert len(parts) == report["rows_written"]
+    for _ in range(30):
+        queued = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids)], capture_output=True,
+                                text=True).stdout.strip()
+        if not queued:
+            break
+        time.sleep(1)
+    assert not queued, f"SLURM jobs still queued: {queued}"
