@@ -228,7 +228,7 @@ def memory(out: Path, quick: bool = False) -> dict:
     sample = pd.read_parquet(SAMPLE_PATH)
     rows = []
     for factor in (1, 4):
-        path = out / f"corpus-{factor}x.parquet"
+        path = out / f"corpus-{factor}x.parquet"  # scratch data, git-ignored
         pd.concat([sample.assign(id=sample["id"] + i * len(sample)) for i in range(factor)],
                   ignore_index=True).to_parquet(path, row_group_size=50)
         with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None,
