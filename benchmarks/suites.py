@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from nemocc_dask.llm.config import LLMConfig
-from nemocc_dask.llm.pool import Request, WorkerPool, _factories
+from nemocc_dask.llm.pool import Request, new_pool
 from nemocc_dask.presets import PRESETS
 
 
@@ -49,8 +49,7 @@ def _requests(n: int, tag: str) -> list[Request]:
 
 def _ours(url: str, in_flight: int, n: int, tag: str) -> dict:
     llm = LLMConfig(base_url=url, model="mock", backoff_base=0.05)
-    pool = WorkerPool(_factories(llm, in_flight), in_flight, llm.max_retries, llm.backoff_base,
-                      llm.backoff_max, llm.endpoint_cooldown)
+    pool = new_pool(llm, in_flight)
     list(pool.stream(_requests(min(n, in_flight), "warm" + tag)))  # open connections
     cpu, wall = time.process_time(), time.perf_counter()
     results = list(pool.stream(_requests(n, tag)))

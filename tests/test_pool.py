@@ -6,13 +6,8 @@ import pytest
 
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.mock import MockLLMServer
-from nemocc_dask.llm.pool import Request, WorkerPool, _factories
+from nemocc_dask.llm.pool import Request, new_pool
 from nemocc_dask.presets import PRESETS
-
-
-def _pool(llm: LLMConfig, window: int) -> WorkerPool:
-    return WorkerPool(_factories(llm, window), window, llm.max_retries, llm.backoff_base,
-                      llm.backoff_max, llm.endpoint_cooldown, llm.api_key)
 
 
 def _requests(n, preset=PRESETS["knowledge_list"], tag=""):
@@ -26,7 +21,7 @@ def test_exactly_max_retries_plus_one_attempts(status_rate, status):
     with MockLLMServer(**{status_rate: 1.0}, retry_after=0.01) as server:
         llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=3,
                         backoff_base=0.01, backoff_max=0.05)
-        pool = _pool(llm, 4)
+        pool = new_pool(llm, 4)
         [result] = list(pool.stream(_requests(1)))
         pool.close()
     assert result.attempts == 4 and server.stats.requests == 4
@@ -36,7 +31,7 @@ def test_exactly_max_retries_plus_one_attempts(status_rate, status):
 def test_400_is_not_retried():
     with MockLLMServer(fail_marker="Fact 0") as server:
         llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=5)
-        pool = _pool(llm, 4)
+        pool = new_pool(llm, 4)
         results = {r.key: r for r in pool.stream(_requests(3))}
         pool.close()
     assert results["k0"].attempts == 1 and results["k0"].error_class == "http_400"
@@ -47,7 +42,7 @@ def test_backoff_honours_retry_after():
     with MockLLMServer(rate_429=1.0, retry_after=0.3) as server:
         llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=2,
                         backoff_base=0.001, backoff_max=5)
-        pool = _pool(llm, 2)
+        pool = new_pool(llm, 2)
         started = time.monotonic()
         list(pool.stream(_requests(1)))
         pool.close()
@@ -57,7 +52,7 @@ def test_backoff_honours_retry_after():
 def test_overload_shrinks_window_and_success_regrows_it():
     with MockLLMServer(rate_429=1.0, retry_after=0.0) as server:
         llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=0)
-        pool = _pool(llm, 16)
+        pool = new_pool(llm, 16)
         pool.endpoints[0].mean_latency = 0.0
         list(pool.stream(_requests(8)))
         shrunk = pool.endpoints[0].window
@@ -71,7 +66,7 @@ def test_overload_shrinks_window_and_success_regrows_it():
 def test_window_is_filled_and_slides():
     with MockLLMServer(latency=0.05, per_token_latency=0.001, track_in_flight=True) as server:
         llm = LLMConfig(base_url=server.base_url, model="mock")
-        pool = _pool(llm, 8)
+        pool = new_pool(llm, 8)
         list(pool.stream(_requests(120)))
         pool.close()
     assert server.stats.max_in_flight == 8

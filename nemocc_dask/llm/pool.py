@@ -257,14 +257,19 @@ def _factories(llm: LLMConfig, window: int) -> list[tuple[str, Callable[[], Any]
             for url in llm.base_url]
 
 
+def new_pool(llm: LLMConfig, window: int) -> WorkerPool:
+    """A fresh pool for ``llm`` with ``window`` slots per endpoint (the caller closes it)."""
+    return WorkerPool(_factories(llm, window), window, llm.max_retries, llm.backoff_base,
+                      llm.backoff_max, llm.endpoint_cooldown, llm.api_key)
+
+
 def get_pool(llm: LLMConfig, window: int) -> WorkerPool:
     """This process's pool for ``llm`` with ``window`` slots per endpoint (created on first use)."""
     key = llm.pool_key(window)
     with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is None:
-            pool = WorkerPool(_factories(llm, window), window, llm.max_retries, llm.backoff_base,
-                              llm.backoff_max, llm.endpoint_cooldown, llm.api_key)
+            pool = new_pool(llm, window)
             _POOLS[key] = pool
         return pool
 
