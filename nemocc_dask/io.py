@@ -155,9 +155,9 @@ def check_ids(ddf, id_field: str) -> int:
 
     def summary(part):
         ids = part[id_field]
-        return pd.DataFrame({"rows": [len(ids)], "dupes": [int(ids.duplicated().sum())],
-                             "example": [str(ids[ids.duplicated()].iloc[0]) if ids.duplicated().any()
-                                         else ""]})
+        repeated = ids[ids.duplicated()]
+        return pd.DataFrame({"rows": [len(ids)], "dupes": [len(repeated)],
+                             "example": [str(repeated.iloc[0]) if len(repeated) else ""]})
 
     parts = ddf[[id_field]].map_partitions(
         summary, meta=pd.DataFrame({"rows": pd.Series([], dtype="int64"),

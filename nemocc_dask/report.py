@@ -14,14 +14,20 @@ _SUMMED = ("documents_in", "documents_written", "documents_invalid_quality", "se
 _COUNTERS = ("documents_not_written", "rows_rejected", "failed_by_class")
 
 
-def aggregate(stats: list[dict], wall_seconds: float, partitions_skipped: int = 0) -> dict:
-    """Sum partition stats into a report (tokens/s is completion tokens per wall-clock second)."""
-    report: dict = {k: sum(int(s.get(k, 0)) for s in stats) for k in _SUMMED}
+def _sum_counts(items: list[dict]) -> dict:
+    """The summed counts and the merged reason counters of partition stats or task reports."""
+    out: dict = {k: sum(int(item.get(k, 0)) for item in items) for k in _SUMMED}
     for key in _COUNTERS:
         total = Counter()
-        for s in stats:
-            total.update(s.get(key, {}))
-        report[key] = dict(sorted(total.items()))
+        for item in items:
+            total.update(item.get(key, {}))
+        out[key] = dict(sorted(total.items()))
+    return out
+
+
+def aggregate(stats: list[dict], wall_seconds: float, partitions_skipped: int = 0) -> dict:
+    """Sum partition stats into a report (tokens/s is completion tokens per wall-clock second)."""
+    report = _sum_counts(stats)
     endpoints: dict[str, dict] = {}
     for s in stats:
         for name, ep in s.get("endpoints", {}).items():
@@ -46,12 +52,7 @@ def aggregate(stats: list[dict], wall_seconds: float, partitions_skipped: int = 
 
 def combine(reports: dict[str, dict]) -> dict:
     """A combined report of several tasks: each task's report plus totals of the summed counts."""
-    totals = {k: sum(r.get(k, 0) for r in reports.values()) for k in _SUMMED}
-    for key in _COUNTERS:
-        total = Counter()
-        for r in reports.values():
-            total.update(r.get(key, {}))
-        totals[key] = dict(sorted(total.items()))
+    totals = _sum_counts(list(reports.values()))
     totals["accounted"] = all(r.get("accounted", True) for r in reports.values())
     return {"tasks": reports, "total": totals}
 

@@ -10,6 +10,7 @@ import shutil
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,21 +143,19 @@ def _load_input(data, rows_per_partition: int):
     return data, {"dask_token": dask.base.tokenize(data)}
 
 
-def _compute(tasks: list, progress: Progress) -> list:
+def _compute(tasks: list, progress: Progress) -> None:
+    """Run the partition tasks on the distributed client if there is one, else locally."""
     try:
         from distributed import as_completed, get_client
 
         client = get_client()
     except (ImportError, ValueError):
-        results = dask.compute(*tasks)
+        dask.compute(*tasks)
         progress.done += len(tasks)
-        return list(results)
-    futures = client.compute(tasks)
-    results = []
-    for future in as_completed(futures):
-        results.append(future.result())
+        return
+    for future in as_completed(client.compute(tasks)):
+        future.result()
         progress.done += 1
-    return results
 
 
 def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str = "id",
@@ -181,7 +180,7 @@ def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str 
         preflight(job.llm)
     io.check_ids(ddf, id_field)
     parts = ddf.to_delayed()
-    tasks, plan_of = [], []
+    tasks, pending = [], Counter()
     for job in jobs:
         plan = PartitionPlan(job.preset, job.llm, worker_window(job.llm), str(job.out_dir),
                              tokenizer, id_field, seed, retry_failed, job.route)
@@ -190,13 +189,13 @@ def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str 
                 key = f"nemocc-{job.preset.name}-{index}-{io.digest(str(job.out_dir))[:8]}"
                 tasks.append(dask.delayed(process_partition)(part, index, plan,
                                                              dask_key_name=key))
-                plan_of.append(job)
+                pending[job.preset.name] += 1
     with Progress([j.out_dir for j in jobs], len(tasks), show_progress) as progress:
         _compute(tasks, progress)
     reports = {}
     for job in jobs:
         stats = [json.loads(p.read_text()) for p in sorted((job.out_dir / "stats").glob("*.json"))]
-        skipped = len(parts) - sum(1 for j in plan_of if j is job)
+        skipped = len(parts) - pending[job.preset.name]
         report = aggregate(stats, time.time() - started, skipped)
         report["task"] = job.preset.name
         report["fingerprint"] = json.loads((job.out_dir / MANIFEST).read_text())["fingerprint"]

@@ -3,16 +3,15 @@
 import json
 import threading
 import time
-from pathlib import Path
 
 import dask.dataframe as dd
 import pandas as pd
 import pytest
 
 from nemocc_dask import LLMConfig, make_task, run_task
-from nemocc_dask.llm.client import Completion, RetryableError
+from nemocc_dask.llm.client import Completion
 from nemocc_dask.llm.mock import MockLLMServer, fake_answer
-from nemocc_dask.nemotron_cc import run_nemotron_cc, run_nemotron_cc_to_parquet
+from nemocc_dask.nemotron_cc import run_nemotron_cc
 from nemocc_dask.presets import HIGH_QUALITY_TASKS
 from nemocc_dask.runner import run_to_parquet
 from nemocc_dask.task_file import load_task_file

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 OVERLOAD_STATUS = frozenset({429, 503})
