@@ -17,13 +17,14 @@ from pathlib import Path
 
 from nemocc_dask import io
 from nemocc_dask.cluster import ClusterError, make_client
+from nemocc_dask.gpu import GPUError, require_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.preflight import PreflightError
 from nemocc_dask.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS, PRESETS
 from nemocc_dask.report import combine, render_table
 from nemocc_dask.runner import OutputError
 
-USAGE_ERRORS = (ValueError, PreflightError, ClusterError, OutputError, FileNotFoundError)
+USAGE_ERRORS = (ValueError, PreflightError, ClusterError, GPUError, OutputError, FileNotFoundError)
 
 
 def _add_endpoint_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -60,6 +61,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
     c = p.add_argument_group("cluster")
     c.add_argument("--cluster", choices=["local", "local-cuda", "slurm"])
+    c.add_argument("--gpu", action="store_true",
+                   help="cuDF partitions: filters, splits, joins and cleanups run on the GPU "
+                        "(implies --cluster local-cuda unless a cluster or scheduler is given)")
     c.add_argument("--scheduler", help="address of a running scheduler (tcp://host:8786)")
     c.add_argument("--scheduler-file", help="scheduler file of a running scheduler")
     c.add_argument("--workers", type=int, help="local worker processes (default 2)")
@@ -79,7 +83,12 @@ def _llm_from_args(args) -> LLMConfig:
 
 @contextlib.contextmanager
 def _client(args):
-    client = make_client(args.cluster, args.scheduler, args.scheduler_file, args.workers,
+    cluster = args.cluster
+    if args.gpu:
+        require_gpu()
+        if not (cluster or args.scheduler or args.scheduler_file):
+            cluster = "local-cuda"
+    client = make_client(cluster, args.scheduler, args.scheduler_file, args.workers,
                          args.threads_per_worker, jobs=args.slurm_jobs, queue=args.slurm_queue,
                          account=args.slurm_account, walltime=args.slurm_walltime)
     try:
@@ -109,7 +118,8 @@ def cmd_run(args) -> int:
     with _client(args):
         report = run_to_parquet(args.input, args.output, task, llm, args.tokenizer,
                                 args.text_field, args.id_field, args.seed, args.overwrite,
-                                args.retry_failed, args.rows_per_partition, not args.no_progress)
+                                args.retry_failed, args.rows_per_partition, not args.no_progress,
+                                gpu=args.gpu)
     _print_reports({report["task"]: report}, Path(args.output))
     return 0
 
@@ -125,7 +135,8 @@ def cmd_nemotron_cc(args) -> int:
             threshold=args.threshold, tasks=tasks, tokenizer=args.tokenizer,
             text_field=args.text_field, id_field=args.id_field, seed=args.seed,
             overwrite=args.overwrite, retry_failed=args.retry_failed,
-            rows_per_partition=args.rows_per_partition, show_progress=not args.no_progress)
+            rows_per_partition=args.rows_per_partition, show_progress=not args.no_progress,
+            gpu=args.gpu)
     _print_reports(reports, Path(args.output))
     combined = combine(reports)
     print(json.dumps({"total": combined["total"]}, indent=1))
@@ -137,13 +148,17 @@ def cmd_demo(args) -> int:
     from nemocc_dask.runner import run_to_parquet
 
     out = Path(args.output or Path(tempfile.gettempdir()) / "nemocc-dask-demo")
+    if args.gpu:
+        require_gpu()
+        args.cluster = "local-cuda"
     with MockLLMServer(latency=0.05, per_token_latency=0.0005) as server:
         llm = LLMConfig(base_url=server.base_url, model="mock", max_in_flight=64)
         print(f"mock LLM server on {server.base_url}; sample corpus {io.SAMPLE_PATH}",
               file=sys.stderr)
         with _client(args):
             report = run_to_parquet(str(io.SAMPLE_PATH), out, args.task, llm, overwrite=True,
-                                    rows_per_partition=50, show_progress=not args.no_progress)
+                                    rows_per_partition=50, show_progress=not args.no_progress,
+                                    gpu=args.gpu)
     _print_reports({args.task: report}, out)
     print(f"rows are in {out / 'parts'}; rejects in {out / 'rejects'}; report {out / 'report.json'}")
     return 0
@@ -202,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--threads-per-worker", type=int, default=2)
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--gpu", action="store_true", help="cuDF partitions on a LocalCUDACluster")
     demo.set_defaults(fn=cmd_demo, cluster="local", scheduler=None, scheduler_file=None,
                       slurm_jobs=None, slurm_queue=None, slurm_account=None, slurm_walltime=None)
 

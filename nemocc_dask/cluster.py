@@ -8,14 +8,13 @@ dask-jobqueue does it), so ``nemocc.slurm.queue`` can be set in a dask YAML file
 
 from __future__ import annotations
 
-import functools
 import logging
-import importlib.util
-import os
 from pathlib import Path
 
 import dask.config
 import yaml
+
+from nemocc_dask.gpu import require_gpu
 
 _DEFAULTS = Path(__file__).with_name("nemocc.yaml")
 
@@ -33,41 +32,8 @@ class ClusterError(RuntimeError):
     """The requested cluster cannot be started here; the message says why."""
 
 
-@functools.lru_cache(maxsize=None)
-def gpu_available() -> bool:
-    """True only if cuDF and dask_cudf are installed and a CUDA device answers in this process."""
-    if os.environ.get("NEMOCC_DASK_FORCE_CPU") == "1":
-        return False
-    if importlib.util.find_spec("cudf") is None or importlib.util.find_spec("dask_cudf") is None:
-        return False
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            if pynvml.nvmlDeviceGetCount() == 0:
-                return False
-        finally:
-            pynvml.nvmlShutdown()
-        import cudf
-
-        return int(cudf.Series([1, 2]).sum()) == 3
-    except Exception:
-        return False
-
-
 def _option(name: str, value):
     return value if value is not None else dask.config.get(f"nemocc.{name}")
-
-
-def require_gpu() -> None:
-    """Raise ClusterError with the reason when the GPU path cannot run here."""
-    if importlib.util.find_spec("cudf") is None or importlib.util.find_spec("dask_cuda") is None:
-        raise ClusterError("the GPU path needs cuDF and dask-cuda: pip install 'nemocc_dask[gpu]' "
-                           "(CUDA 12) or 'nemocc_dask[gpu-cu13]'")
-    if not gpu_available():
-        raise ClusterError("no usable CUDA device found (no NVIDIA driver or GPU in this process); "
-                           "run without --gpu / --cluster local-cuda here")
 
 
 def slurm_cluster(**overrides):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from nemocc_dask.stages.backend import to_host_list
+
 DEFAULT_ROWS_PER_PARTITION = 2000
 SAMPLE_PATH = Path(__file__).with_name("data") / "sample.parquet"
 
@@ -154,7 +156,7 @@ def check_ids(ddf, id_field: str) -> int:
     import dask
 
     def summary(part):
-        ids = part[id_field]
+        ids = pd.Series(to_host_list(part[id_field]), dtype="object")
         repeated = ids[ids.duplicated()]
         return pd.DataFrame({"rows": [len(ids)], "dupes": [len(repeated)],
                              "example": [str(repeated.iloc[0]) if len(repeated) else ""]})

@@ -61,14 +61,14 @@ def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict,
                                text_field: str | None = None, id_field: str = "id", seed: int = 0,
                                overwrite: bool = False, retry_failed: bool = False,
                                rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
-                               show_progress: bool = True) -> dict:
+                               show_progress: bool = True, gpu: bool = False) -> dict:
     """Write ``output/<task>/`` for every task (same layout and resume as ``run_to_parquet``) and
     ``output/report.json`` (per task and total). Returns the per-task reports."""
     jobs = [Job(resolve_task(task, text_field), _llm_for(task, llm), Path(output) / task,
                 Route(quality_field, float(threshold), high))
             for task, high in _routes(tasks, high_tasks, low_tasks).items()]
     reports = run_jobs(data, jobs, tokenizer, id_field, seed, overwrite, retry_failed,
-                       rows_per_partition, show_progress)
+                       rows_per_partition, show_progress, gpu)
     io.atomic_write_bytes(Path(output) / "report.json",
                           json.dumps(combine(reports), indent=1).encode())
     return reports

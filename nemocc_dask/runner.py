@@ -17,6 +17,7 @@ from pathlib import Path
 import dask
 
 from nemocc_dask import io
+from nemocc_dask.gpu import require_gpu, to_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.preflight import preflight
 from nemocc_dask.partition_job import PartitionPlan, Route, part_path, process_partition
@@ -161,14 +162,19 @@ def _compute(tasks: list, progress: Progress) -> None:
 def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str = "id",
              seed: int = 0, overwrite: bool = False, retry_failed: bool = False,
              rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
-             show_progress: bool = True) -> dict[str, dict]:
+             show_progress: bool = True, gpu: bool = False) -> dict[str, dict]:
     """Run several tasks over one input read once; returns each job's report by task name.
 
-    Everything that can be checked is checked before the first request: input paths and files,
-    columns, duplicate ids, output folders, endpoints. Finished partitions are skipped.
+    Everything that can be checked is checked before the first request: the GPU (with ``gpu``),
+    input paths and files, columns, duplicate ids, output folders, endpoints. Finished partitions
+    are skipped. With ``gpu`` the partitions are cuDF DataFrames (``nemocc_dask.gpu.to_gpu``).
     """
     started = time.time()
+    if gpu:
+        require_gpu()
     ddf, inputs = _load_input(data, rows_per_partition)
+    if gpu:
+        ddf = to_gpu(ddf)
     needed = {"id": id_field}
     for job in jobs:
         needed["text"] = job.preset.input_field
@@ -208,14 +214,15 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, tokeniz
                    text_field: str | None = None, id_field: str = "id", seed: int = 0,
                    overwrite: bool = False, retry_failed: bool = False,
                    rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
-                   show_progress: bool = True, **overrides) -> dict:
+                   show_progress: bool = True, gpu: bool = False, **overrides) -> dict:
     """Run one task over ``data`` (paths or a Dask DataFrame) into ``output``, resumably.
 
     Layout: ``parts/`` (kept rows, one parquet file per input partition), ``rejects/`` (removed
     rows with ``reject_reason``), ``stats/``, ``journal/``, ``run.json`` and ``report.json``.
-    Rerunning the same call resumes; returns the report.
+    Rerunning the same call resumes; returns the report. ``gpu=True`` runs the stages on cuDF
+    partitions (GPUError at once where there is no usable GPU).
     """
     preset = resolve_task(task, text_field, **overrides)
     job = Job(preset, llm, Path(output))
     return run_jobs(data, [job], tokenizer, id_field, seed, overwrite, retry_failed,
-                    rows_per_partition, show_progress)[preset.name]
+                    rows_per_partition, show_progress, gpu)[preset.name]

@@ -8,7 +8,7 @@ import dask
 import pandas as pd
 import pytest
 
-from nemocc_dask.cluster import ClusterError, gpu_available, make_client, require_gpu
+from nemocc_dask.cluster import ClusterError, make_client
 
 
 def test_defaults_registered_in_dask_config():
@@ -21,12 +21,6 @@ def test_defaults_registered_in_dask_config():
 def test_unknown_cluster_kind():
     with pytest.raises(ClusterError, match="choose local, local-cuda or slurm"):
         make_client("kubernetes")
-
-
-@pytest.mark.skipif(gpu_available(), reason="this machine has a usable GPU")
-def test_gpu_request_without_gpu_is_clear():
-    with pytest.raises(ClusterError, match="cuDF|CUDA"):
-        require_gpu()
 
 
 def test_slurm_job_script_has_options():

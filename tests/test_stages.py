@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nemocc_dask.cluster import gpu_available
+from nemocc_dask.gpu import gpu_available
 from nemocc_dask.stages import (count_tokens, filter_range, format_diverse_qa,
                                 format_knowledge_list, has_prefix, join_segments, remove_lines,
                                 remove_markdown, remove_quotations, slice_after, split_documents)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import pandas as pd
+import pyarrow as pa
 
 STRING_DTYPE = pd.StringDtype()
 
@@ -29,9 +30,19 @@ def series_like(values: list, like, dtype=STRING_DTYPE):
     if is_cudf(like):
         import cudf
 
-        host = pd.Series(values, index=like.index.to_pandas(), dtype=dtype)
-        return cudf.Series.from_pandas(host)
+        series = cudf.Series.from_arrow(pa.array(values, type=_arrow_type(dtype)))
+        series.index = like.index
+        return series
     return pd.Series(values, index=like.index, dtype=dtype)
+
+
+def _arrow_type(dtype) -> pa.DataType:
+    """The Arrow type of a pandas dtype; strings (object or StringDtype) map to ``pa.string()``
+    (cuDF's string handling of pandas extension dtypes differs between releases; Arrow does not)."""
+    dtype = pd.api.types.pandas_dtype(dtype)
+    if dtype == object or isinstance(dtype, pd.StringDtype):
+        return pa.string()
+    return pa.from_numpy_dtype(getattr(dtype, "numpy_dtype", dtype))
 
 
 def map_strings(s, fn: Callable[[str], str]):
