@@ -28,7 +28,7 @@ from nemocc_dask.llm.generate import generate_partition
 from nemocc_dask.presets import TaskPreset
 from nemocc_dask.stages.backend import series_like, to_host_list
 from nemocc_dask.stages.postprocess import REJECT_REASON, postprocess_partition
-from nemocc_dask.stages.preprocess import preprocess_partition
+from nemocc_dask.stages.preprocess import timed, preprocess_partition
 
 
 @dataclass(frozen=True)
@@ -102,15 +102,18 @@ def process_partition(df, index: int, plan: PartitionPlan) -> dict:
         return json.loads(stats_file.read_text())
     started = time.time()
     routed, invalid_quality = _apply_route(df, plan.route)
+    seconds: dict[str, float] = {}
     segments, dropped = preprocess_partition(routed, plan.preset, plan.tokenizer,
                                              plan.preset.input_field, plan.id_field,
-                                             return_dropped=True)
-    generated, gen_stats = generate_partition(
-        segments, plan.preset, plan.llm, plan.window, plan.tokenizer,
-        journal_path=str(out / "journal" / f"{part_name(index)}.jsonl"),
-        retry_failed=plan.retry_failed, return_stats=True)
-    kept, rejects = postprocess_partition(generated, plan.preset, plan.tokenizer, plan.id_field,
-                                          plan.seed, return_rejects=True)
+                                             return_dropped=True, timings=seconds)
+    with timed(seconds, "generate"):
+        generated, gen_stats = generate_partition(
+            segments, plan.preset, plan.llm, plan.window, plan.tokenizer,
+            journal_path=str(out / "journal" / f"{part_name(index)}.jsonl"),
+            retry_failed=plan.retry_failed, return_stats=True)
+    with timed(seconds, "postprocess"):
+        kept, rejects = postprocess_partition(generated, plan.preset, plan.tokenizer,
+                                              plan.id_field, plan.seed, return_rejects=True)
     input_ids = to_host_list(routed[plan.id_field])
     written, not_written = _document_outcomes(
         input_ids, dropped, set(to_host_list(kept[plan.id_field])),
@@ -130,6 +133,7 @@ def process_partition(df, index: int, plan: PartitionPlan) -> dict:
         "completion_tokens": int(pd.Series(to_host_list(generated["llm_completion_tokens"]),
                                            dtype="Int64").sum()),
         "endpoints": gen_stats["endpoints"], "seconds": round(time.time() - started, 3),
+        "stage_seconds": {stage: round(t, 4) for stage, t in seconds.items()},
     }
     atomic_write_parquet(rejects, out / "rejects" / f"{part_name(index)}.parquet")
     atomic_write_bytes(stats_file, json.dumps(stats, indent=1).encode())

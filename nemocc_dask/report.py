@@ -22,6 +22,10 @@ def _sum_counts(items: list[dict]) -> dict:
         for item in items:
             total.update(item.get(key, {}))
         out[key] = dict(sorted(total.items()))
+    seconds = Counter()
+    for item in items:
+        seconds.update(item.get("stage_seconds", {}))
+    out["stage_seconds"] = {stage: round(t, 3) for stage, t in seconds.items()}
     return out
 
 
@@ -74,6 +78,7 @@ def _rows(report: dict) -> list[tuple[str, str]]:
     if "wall_seconds" in report:
         rows += [("completion tokens/s", report["completion_tokens_per_second"]),
                  ("wall time (s)", report["wall_seconds"])]
+    rows += [(f"  in {stage} (worker-s)", t) for stage, t in report.get("stage_seconds", {}).items()]
     for name, ep in report.get("endpoints", {}).items():
         rows.append((f"endpoint {name}", f"{ep['requests']} ok, {ep['errors']} errors, "
                                          f"mean {ep['mean_latency_s']} s"))

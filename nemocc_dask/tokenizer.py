@@ -106,22 +106,33 @@ def tokenizer_name(spec: Any) -> str:
     return getattr(spec, "name_or_path", "") or type(spec).__name__
 
 
-def count_tokens_list(tokenizer, texts: Sequence[Any], add_special_tokens: bool = True) -> list[int]:
+def count_tokens_list(tokenizer, texts: Sequence[Any], add_special_tokens: bool = True,
+                      known: dict[str, int] | None = None) -> list[int]:
     """Token counts for ``texts`` in one batched call; None/NaN/non-strings count as 0.
 
     With ``add_special_tokens=True`` counts match HF ``encode`` (BOS/EOS included), as the
-    reference's token-count filters do.
+    reference's token-count filters do. Each distinct text is encoded once; ``known`` (text ->
+    count, same ``add_special_tokens``) is read first and updated with what was encoded, so a
+    caller can carry counts from one call to the next.
     """
-    positions = [i for i, t in enumerate(texts) if isinstance(t, str)]
-    counts = [0] * len(texts)
-    if not positions:
-        return counts
-    batch = [texts[i] for i in positions]
-    encoded = tokenizer(batch, add_special_tokens=add_special_tokens, return_attention_mask=False,
+    known = {} if known is None else known
+    todo = list(dict.fromkeys(t for t in texts if isinstance(t, str) and t not in known))
+    if todo:
+        known.update(zip(todo, _encoded_lengths(tokenizer, todo, add_special_tokens)))
+    return [known[t] if isinstance(t, str) else 0 for t in texts]
+
+
+def _encoded_lengths(tokenizer, texts: list[str], add_special_tokens: bool) -> list[int]:
+    """Lengths of the encodings of ``texts``. Uses the Rust tokenizer's ``encode_batch_fast`` (no
+    offsets) where it gives the same ids as the transformers call, i.e. when no truncation or
+    padding is configured on it; otherwise the transformers call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is not None and backend.truncation is None and backend.padding is None:
+        return [len(e) for e in fast(texts, add_special_tokens=add_special_tokens)]
+    encoded = tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False,
                         return_token_type_ids=False, verbose=False)["input_ids"]
-    for i, ids in zip(positions, encoded):
-        counts[i] = len(ids)
-    return counts
+    return [len(ids) for ids in encoded]
 
 
 def prompt_overhead_tokens(tokenizer, preset) -> int:

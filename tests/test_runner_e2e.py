@@ -58,6 +58,12 @@ def test_run_writes_layout_and_report(tmp_path, docs_parquet, cluster_client):
     assert set(rejects["reject_reason"]) <= {"truncated", "too_long", "empty_parse", "too_short",
                                              "llm_error"}
     assert sum(report["rows_rejected"].values()) == len(rejects)
+    from nemocc_dask.stages.preprocess import PREPROCESS_STAGES
+
+    stages = report["stage_seconds"]
+    assert set(stages) == {*PREPROCESS_STAGES, "generate", "postprocess"}
+    assert all(t >= 0 for t in stages.values())
+    assert stages["generate"] >= 0.01  # at least one round of 10 ms mock answers per partition
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, docs_parquet):

@@ -6,6 +6,7 @@ partition of their document, so none of these needs a shuffle.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from nemocc_dask.stages.backend import is_cudf, series_like, to_host_list
@@ -16,9 +17,13 @@ _DOC_ROW = "_nemocc_doc_row"
 SEPARATOR_COST = 1
 
 
-def count_tokens(df, tokenizer, text_field: str = "text", count_field: str = "token_count"):
-    """Write ``count_field`` (int64): tokens of ``text_field`` incl. special tokens; missing -> 0."""
-    counts = count_tokens_list(tokenizer, to_host_list(df[text_field]))
+def count_tokens(df, tokenizer, text_field: str = "text", count_field: str = "token_count",
+                 known: dict[str, int] | None = None):
+    """Write ``count_field`` (int64): tokens of ``text_field`` incl. special tokens; missing -> 0.
+
+    ``known`` (text -> count) is reused and extended, as in ``count_tokens_list``.
+    """
+    counts = count_tokens_list(tokenizer, to_host_list(df[text_field]), known=known)
     out = df.copy()
     out[count_field] = series_like(counts, df, dtype="int64")
     return out
@@ -58,7 +63,9 @@ def _ordered_groups(doc_ids: list, segment_ids: list) -> list[list[int]]:
     """Row positions grouped by document id (sorted, missing ids dropped), in segment order."""
     host = pd.DataFrame({"doc": doc_ids, "seg": segment_ids, "pos": range(len(doc_ids))})
     host = host[host["doc"].notna()].sort_values(["doc", "seg"], kind="stable")
-    return [list(g) for _, g in host.groupby("doc", sort=True)["pos"]]
+    docs = host["doc"].to_numpy()
+    starts = np.flatnonzero(docs[1:] != docs[:-1]) + 1
+    return [group.tolist() for group in np.split(host["pos"].to_numpy(), starts) if len(group)]
 
 
 def join_segments(df, text_field: str = "text", document_id_field: str = "id",
