@@ -22,12 +22,15 @@ pytestmark = pytest.mark.slow
 
 
 class SyncEchoClient:
-    """A synchronous custom client answering like the mock server; fails rows containing 'BOOM'."""
+    """A synchronous custom client answering like the mock server; fails rows containing 'BOOM'
+    and answers without content for rows containing 'EMPTY'."""
 
     def complete_sync(self, messages, settings):
         user = messages[-1]["content"]
         if "BOOM" in user:
             raise RuntimeError("backend refused")
+        if "EMPTY" in user:
+            return Completion(text=None, finish_reason="stop")
         text = fake_answer(user)
         return Completion(text=text, finish_reason="stop", prompt_tokens=1,
                           completion_tokens=len(text) // 4)
@@ -61,6 +64,19 @@ def test_custom_client_failures_go_to_rejects(tmp_path, cluster_client):
     failed = rejects[rejects["reject_reason"] == "llm_error"]
     assert set(failed["id"]) == {2} and failed["llm_error"].str.contains("backend refused").all()
     assert report["failed_by_class"] == {"client_error": 1} and report["accounted"]
+
+
+def test_answer_without_content_is_an_empty_response_error():
+    from nemocc_dask.llm.generate import generate_partition
+    from nemocc_dask.presets import PRESETS
+
+    docs = make_docs(3)
+    docs.loc[1, "text"] += " EMPTY"
+    out, stats = generate_partition(docs, PRESETS["distill"], LLMConfig(client_factory=SyncEchoClient),
+                                    window=4, return_stats=True)
+    assert out["llm_error"].isna().tolist() == [True, False, True]
+    assert out.loc[1, "llm_error"].startswith("empty_response") and pd.isna(out.loc[1, "distill"])
+    assert stats["failed_by_class"] == {"empty_response": 1}
 
 
 def test_custom_task_sends_only_a_user_message(tmp_path, cluster_client):

@@ -56,16 +56,17 @@ class Journal:
 
 
 def _record(result: Result) -> dict:
+    """The journal record of one result; an answer without content becomes ``empty_response``."""
     c = result.completion
+    error, error_class = result.error, result.error_class
+    if error is None and c is not None and c.text is None:
+        error, error_class = "empty_response: the answer has no content", "empty_response"
     return {"key": result.key, "text": c.text if c else None,
             "finish_reason": c.finish_reason if c else None,
             "prompt_tokens": c.prompt_tokens if c else None,
             "completion_tokens": c.completion_tokens if c else None,
             "choices": c.choices if c and c.choices else None,
-            "error": result.error or (None if c is None or c.text is not None
-                                      else "empty_response: the answer has no content"),
-            "error_class": result.error_class or (None if c is None or c.text is not None
-                                                  else "empty_response"),
+            "error": error, "error_class": error_class,
             "endpoint": result.endpoint, "latency": round(result.latency, 4),
             "attempts": result.attempts, "failed_endpoints": result.failed_endpoints}
 
