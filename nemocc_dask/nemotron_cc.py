@@ -10,11 +10,11 @@ from pathlib import Path
 
 from nemocc_dask import io
 from nemocc_dask.llm.config import LLMConfig
-from nemocc_dask.partition_job import Route
 from nemocc_dask.pipeline import require_columns, resolve_task, run_task
 from nemocc_dask.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS
 from nemocc_dask.report import combine
 from nemocc_dask.runner import Job, run_jobs
+from nemocc_dask.stages.route import Route, select_route
 
 
 def _routes(tasks, high_tasks, low_tasks) -> dict[str, bool]:
@@ -43,12 +43,10 @@ def run_nemotron_cc(ddf, llm: LLMConfig | dict, quality_field: str = "bucketed_r
     """One lazy frame per task (a dict). ``llm`` is one LLMConfig or a dict task -> LLMConfig (with
     an optional ``"default"``). Documents with a missing or non-numeric quality are in no task."""
     require_columns(ddf.columns, {"quality": quality_field})
-    import dask.dataframe as dd
-
-    quality = dd.to_numeric(ddf[quality_field], errors="coerce")
     frames = {}
     for task, high in _routes(tasks, high_tasks, low_tasks).items():
-        routed = ddf[quality > threshold] if high else ddf[quality <= threshold]
+        routed = ddf.map_partitions(select_route, Route(quality_field, float(threshold), high),
+                                    meta=ddf._meta)
         frames[task] = run_task(routed, task, _llm_for(task, llm), tokenizer, id_field=id_field,
                                 seed=seed, **overrides)
     return frames

@@ -26,18 +26,10 @@ from nemocc_dask.io import atomic_write_bytes, atomic_write_parquet
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.generate import generate_partition
 from nemocc_dask.presets import TaskPreset
-from nemocc_dask.stages.backend import series_like, to_host_list
+from nemocc_dask.stages.backend import to_host_list
 from nemocc_dask.stages.postprocess import REJECT_REASON, postprocess_partition
-from nemocc_dask.stages.preprocess import timed, preprocess_partition
-
-
-@dataclass(frozen=True)
-class Route:
-    """Keep documents whose ``field`` is ``> threshold`` (``high``) or ``<= threshold`` (low)."""
-
-    field: str
-    threshold: float
-    high: bool
+from nemocc_dask.stages.preprocess import preprocess_partition, timed
+from nemocc_dask.stages.route import Route, route_partition
 
 
 @dataclass(frozen=True)
@@ -61,17 +53,6 @@ def part_name(index: int) -> str:
 
 def part_path(out_dir: str | Path, index: int) -> Path:
     return Path(out_dir) / "parts" / f"{part_name(index)}.parquet"
-
-
-def _apply_route(df, route: Route | None) -> tuple[object, int]:
-    if route is None:
-        return df, 0
-    values = pd.to_numeric(pd.Series(to_host_list(df[route.field]), dtype="object"),
-                           errors="coerce")
-    invalid = values.isna()
-    chosen = (values > route.threshold) if route.high else (values <= route.threshold)
-    mask = (chosen & ~invalid).tolist()
-    return df[series_like(mask, df, dtype=bool)], int(invalid.sum())
 
 
 def _document_outcomes(input_ids: list, dropped: pd.DataFrame, kept_ids: set,
@@ -101,7 +82,7 @@ def process_partition(df, index: int, plan: PartitionPlan) -> dict:
     if part_path(out, index).exists() and stats_file.exists():
         return json.loads(stats_file.read_text())
     started = time.time()
-    routed, invalid_quality = _apply_route(df, plan.route)
+    routed, invalid_quality = route_partition(df, plan.route)
     seconds: dict[str, float] = {}
     segments, dropped = preprocess_partition(routed, plan.preset, plan.tokenizer,
                                              plan.preset.input_field, plan.id_field,

@@ -20,10 +20,11 @@ from nemocc_dask import io
 from nemocc_dask.gpu import require_gpu, to_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.preflight import preflight
-from nemocc_dask.partition_job import PartitionPlan, Route, part_path, process_partition
+from nemocc_dask.partition_job import PartitionPlan, part_path, process_partition
 from nemocc_dask.pipeline import require_columns, resolve_task, worker_window
 from nemocc_dask.presets import TaskPreset
 from nemocc_dask.report import aggregate
+from nemocc_dask.stages.route import Route
 from nemocc_dask.tokenizer import tokenizer_name
 
 logger = logging.getLogger(__name__)

@@ -209,3 +209,15 @@ def test_diverse_qa_same_output_on_1_or_3_partitions():
     one = dd.from_pandas(df, npartitions=1).map_partitions(format_diverse_qa, seed=5).compute()
     three = dd.from_pandas(df, npartitions=3).map_partitions(format_diverse_qa, seed=5).compute()
     assert list(one["diverse_qa"]) == list(three["diverse_qa"])
+
+
+def test_route_partition_threshold_and_invalid_quality(frame):
+    from nemocc_dask.stages.route import Route, route_partition
+
+    df = frame({"id": [1, 2, 3, 4, 5], "q": ["12", "11", None, "high", "3.5"]})
+    high, invalid = route_partition(df, Route("q", 11, high=True))
+    low, _ = route_partition(df, Route("q", 11, high=False))
+    assert host(high)["id"].tolist() == [1] and invalid == 2
+    assert host(low)["id"].tolist() == [2, 5]
+    kept, invalid = route_partition(df, None)
+    assert kept is df and invalid == 0
