@@ -234,6 +234,9 @@ def faults(out: Path, quick: bool = False) -> dict:
         with MockProcess(0, max_concurrency=2048, **_MOCK_LATENCY[quick], **injected) as server:
             runs[label] = {k: _ours(server.base_url, k, _ours_requests(k, quick), f"{label}{k}")
                            for k in _levels(quick)}
+    _plot([{"client": f"nemocc_dask_{label}", "in_flight": k, **runs[label][k]}
+           for label in runs for k in _levels(quick)], out / "faults.png",
+          "5% 429 + 2% 500 injected vs clean (1 worker)")
     rows = [{"in_flight": k, "clean_req_per_s": runs["clean"][k]["req_per_s"],
              "faulty_req_per_s": runs["faulty"][k]["req_per_s"],
              "throughput_kept": round(runs["faulty"][k]["req_per_s"]

@@ -148,9 +148,6 @@ def cmd_demo(args) -> int:
     from nemocc_dask.runner import run_to_parquet
 
     out = Path(args.output or Path(tempfile.gettempdir()) / "nemocc-dask-demo")
-    if args.gpu:
-        require_gpu()
-        args.cluster = "local-cuda"
     with MockLLMServer(latency=0.05, per_token_latency=0.0005) as server:
         llm = LLMConfig(base_url=server.base_url, model="mock", max_in_flight=64)
         print(f"mock LLM server on {server.base_url}; sample corpus {io.SAMPLE_PATH}",
@@ -211,14 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_endpoint_options(full)
     full.set_defaults(fn=cmd_nemotron_cc)
 
-    demo = sub.add_parser("demo", help="bundled sample + in-process mock server + LocalCluster")
+    demo = sub.add_parser("demo", help="bundled sample + in-process mock server + LocalCluster "
+                                       "(LocalCUDACluster with --gpu)")
     demo.add_argument("--task", default="diverse_qa", choices=list(PRESETS))
     demo.add_argument("--output", help="output folder (default: a temp folder)")
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--threads-per-worker", type=int, default=2)
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--gpu", action="store_true", help="cuDF partitions on a LocalCUDACluster")
-    demo.set_defaults(fn=cmd_demo, cluster="local", scheduler=None, scheduler_file=None,
+    demo.set_defaults(fn=cmd_demo, cluster=None, scheduler=None, scheduler_file=None,
                       slurm_jobs=None, slurm_queue=None, slurm_account=None, slurm_walltime=None)
 
     mock = sub.add_parser("serve-mock", help="serve the mock OpenAI-compatible LLM")
