@@ -14,6 +14,8 @@ SCHED_FILE="$PWD/scheduler-${SLURM_JOB_ID}.json"
 dask scheduler --scheduler-file "$SCHED_FILE" --no-dashboard &
 srun --ntasks="$SLURM_NNODES" dask worker --scheduler-file "$SCHED_FILE" \
     --nthreads 8 --nworkers 1 --no-dashboard &
+# GPU nodes (pip install "nemocc_dask[gpu]"): add "#SBATCH --gres=gpu:1" above, start the workers
+# with "dask cuda worker --scheduler-file ..." instead, and add --gpu to the run below.
 sleep 20
 
 # Rerunning with the same --output resumes (requeued jobs included).
