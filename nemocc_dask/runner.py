@@ -17,7 +17,7 @@ from pathlib import Path
 import dask
 
 from nemocc_dask import io
-from nemocc_dask.gpu import require_gpu, to_gpu
+from nemocc_dask.gpu import to_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.preflight import preflight
 from nemocc_dask.partition_job import PartitionPlan, part_path, process_partition
@@ -166,13 +166,11 @@ def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str 
              show_progress: bool = True, gpu: bool = False) -> dict[str, dict]:
     """Run several tasks over one input read once; returns each job's report by task name.
 
-    Everything that can be checked is checked before the first request: the GPU (with ``gpu``),
-    input paths and files, columns, duplicate ids, output folders, endpoints. Finished partitions
+    Everything that can be checked is checked before the first request: input paths and files,
+    the GPU (with ``gpu``), columns, duplicate ids, output folders, endpoints. Finished partitions
     are skipped. With ``gpu`` the partitions are cuDF DataFrames (``nemocc_dask.gpu.to_gpu``).
     """
     started = time.time()
-    if gpu:
-        require_gpu()
     ddf, inputs = _load_input(data, rows_per_partition)
     if gpu:
         ddf = to_gpu(ddf)

@@ -35,8 +35,7 @@ def test_run_with_gpu_fails_before_any_work(tmp_path):
     out = tmp_path / "out"
     llm = LLMConfig(base_url="http://127.0.0.1:9/v1", model="m")  # never contacted
     with pytest.raises(GPUError):
-        run_to_parquet(tmp_path / "missing.parquet", out, "distill", llm, gpu=True,
-                       show_progress=False)
+        run_to_parquet(str(SAMPLE_PATH), out, "distill", llm, gpu=True, show_progress=False)
     assert not out.exists()
 
 
