@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import dask.config
+
 from nemocc_dask import io
 from nemocc_dask.cluster import ClusterError, make_client
 from nemocc_dask.gpu import GPUError, require_gpu
@@ -238,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "gpu"):
+        args.gpu = args.gpu or bool(dask.config.get("nemocc.gpu"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

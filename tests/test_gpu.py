@@ -51,6 +51,16 @@ def test_cli_gpu_flag_without_gpu_exits_2(tmp_path, capsys, command):
 
 
 @no_gpu
+def test_gpu_from_dask_config_without_gpu_exits_2(tmp_path, capsys):
+    import dask
+
+    with dask.config.set({"nemocc.gpu": True}):
+        code = main(["run", "--task", "distill", "--input", str(SAMPLE_PATH), "--output",
+                     str(tmp_path / "out"), "--base-url", "http://127.0.0.1:9/v1", "--model", "m"])
+    assert code == 2 and "GPU" in capsys.readouterr().err
+
+
+@no_gpu
 def test_demo_gpu_without_gpu_exits_2(tmp_path, capsys):
     assert main(["demo", "--gpu", "--output", str(tmp_path / "demo"), "--no-progress"]) == 2
     assert "GPU" in capsys.readouterr().err
