@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         args.gpu = args.gpu or bool(dask.config.get("nemocc.gpu"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # read when distributed is first imported; its default is INFO
+        dask.config.set({"logging.distributed": "warning"})
     try:
         return args.fn(args)
     except USAGE_ERRORS as exc:

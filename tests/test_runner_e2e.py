@@ -249,3 +249,15 @@ def test_api_key_never_written(tmp_path, docs_parquet):
     from nemocc_dask.llm.config import LLMConfig as Config
 
     assert secret not in repr(Config(base_url="http://x/v1", model="m", api_key=secret))
+
+
+def test_demo_command_end_to_end(tmp_path):
+    """README's first command: bundled sample, in-process mock server, LocalCluster, quiet logs."""
+    out = tmp_path / "demo"
+    done = subprocess.run(cli("demo", "--no-progress", "--output", str(out)), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["documents_in"] == 300 and report["rows_written"] > 0
+    assert_report_adds_up(report)
+    assert "documents written" in done.stdout and "INFO distributed" not in done.stderr
