@@ -8,11 +8,14 @@ same partitions, which is what resuming relies on.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -82,9 +85,17 @@ def _parquet_pieces(path: Path, rows_per_partition: int) -> list[Piece]:
     return pieces
 
 
+def _nonblank_lines(path: str | Path) -> Iterator[str]:
+    """The non-blank lines of a JSONL file (``.gz`` files are decompressed), read as UTF-8.
+
+    Both the partitioning and the reading of JSONL go through this, so line numbers agree."""
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        yield from (line for line in fh if line.strip())
+
+
 def _jsonl_pieces(path: Path, rows_per_partition: int) -> list[Piece]:
-    with open(path, "rb") as fh:
-        lines = sum(1 for line in fh if line.strip())
+    lines = sum(1 for _ in _nonblank_lines(path))
     if lines == 0:
         return [Piece(str(path), "jsonl", 0, 0)]
     return [Piece(str(path), "jsonl", s, min(lines, s + rows_per_partition))
@@ -101,15 +112,12 @@ def read_piece(piece: Piece) -> pd.DataFrame:
             pq.read_schema(piece.path).empty_table()
         return table.to_pandas()
     rows = []
-    with open(piece.path, encoding="utf-8") as fh:
-        for i, line in enumerate(l for l in fh if l.strip()):
-            if i >= piece.stop:
-                break
-            if i >= piece.start:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    raise InputError(f"{piece.path}: line {i + 1} is not valid JSON") from None
+    for i, line in enumerate(itertools.islice(_nonblank_lines(piece.path), piece.stop)):
+        if i >= piece.start:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise InputError(f"{piece.path}: line {i + 1} is not valid JSON") from None
     return pd.DataFrame(rows)
 
 

@@ -174,6 +174,24 @@ def test_duplicate_ids_rejected_before_requests(tmp_path, llm_server):
     assert server.stats.requests == 0 and _nothing_written(tmp_path / "out")
 
 
+def test_gzipped_jsonl_reads_like_plain_jsonl(tmp_path):
+    import gzip
+
+    from nemocc_dask.io import read_input
+
+    lines = [json.dumps({"id": i, "text": f"doc {i}\u00a0é"}) for i in range(7)]
+    body = "\n".join(lines[:3]) + "\n\n  \n" + "\n".join(lines[3:]) + "\n"  # blank lines inside
+    plain, packed = tmp_path / "docs.jsonl", tmp_path / "docs.jsonl.gz"
+    plain.write_text(body, encoding="utf-8")
+    with gzip.open(packed, "wt", encoding="utf-8") as fh:
+        fh.write(body)
+    frames = {path: read_input(path, rows_per_partition=3) for path in (plain, packed)}
+    assert [f.npartitions for f in frames.values()] == [3, 3]
+    got = [f.compute().reset_index(drop=True) for f in frames.values()]
+    pd.testing.assert_frame_equal(got[0], got[1])
+    assert got[0]["id"].tolist() == list(range(7))
+
+
 def test_empty_input_gives_empty_output_and_report(tmp_path, llm_server):
     server, llm = llm_server
     path = tmp_path / "empty.parquet"
