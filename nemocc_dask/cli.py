@@ -1,7 +1,10 @@
 """The ``nemocc-dask`` command: run, nemotron-cc, demo, serve-mock, presets.
 
-Exit status: 0 when a run finished (even with failed rows, which the summary shows), 2 when it could
-not start (bad input, output folder, endpoint, cluster), 1 on an unexpected error.
+Exit status: 0 when a run finished (even with failed rows, which the summary shows); 2 when it could
+not start (bad input, settings, prompt file, output folder, endpoint, cluster, GPU), with the fix in
+the message and the output folder unchanged; 1 when it started and then stopped (a broken
+endpoint or client, an error in a post-processing step, counts that do not add up), with one line
+and a hint (the traceback with ``-v``): rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -13,20 +16,19 @@ import logging
 import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import dask.config
 
 from nemocc_dask import io
-from nemocc_dask.cluster import ClusterError, make_client
-from nemocc_dask.gpu import GPUError, require_gpu
+from nemocc_dask.cluster import make_client
+from nemocc_dask.errors import ConfigError, StartError
+from nemocc_dask.gpu import require_gpu
 from nemocc_dask.llm.config import LLMConfig
-from nemocc_dask.llm.preflight import PreflightError
 from nemocc_dask.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS, PRESETS
 from nemocc_dask.report import combine, render_table
-from nemocc_dask.runner import OutputError
-
-USAGE_ERRORS = (ValueError, PreflightError, ClusterError, GPUError, OutputError, FileNotFoundError)
+from nemocc_dask.runner import start_checks
 
 
 def _add_endpoint_options(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -45,6 +47,9 @@ def _add_endpoint_options(p: argparse.ArgumentParser, required: bool = True) -> 
     g.add_argument("--top-k", type=int, help="sent as an extra body field, only when given")
     g.add_argument("--max-tokens", type=int, help="default: the task's max output tokens")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--max-failed-fraction", type=float, default=0.5,
+                   help="stop the run when more than this fraction of an endpoint's requests "
+                        "fail after retries (checked after 20 requests; default 0.5; 1 = never)")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -77,10 +82,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _llm_from_args(args) -> LLMConfig:
-    return LLMConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-                     max_in_flight=args.max_in_flight, max_retries=args.max_retries,
-                     timeout=args.timeout, temperature=args.temperature, top_p=args.top_p,
-                     top_k=args.top_k, max_tokens=args.max_tokens, stop=args.stop)
+    with start_checks():
+        return LLMConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
+                         max_in_flight=args.max_in_flight, max_retries=args.max_retries,
+                         timeout=args.timeout, temperature=args.temperature, top_p=args.top_p,
+                         top_k=args.top_k, max_tokens=args.max_tokens, stop=args.stop,
+                         max_failed_fraction=args.max_failed_fraction)
 
 
 @contextlib.contextmanager
@@ -114,7 +121,7 @@ def cmd_run(args) -> int:
     from nemocc_dask.task_file import load_task_file
 
     if not args.task and not args.prompt_file:
-        raise ValueError("give --task NAME (one of " + ", ".join(PRESETS) + ") or --prompt-file")
+        raise ConfigError("give --task NAME (one of " + ", ".join(PRESETS) + ") or --prompt-file")
     task = load_task_file(args.prompt_file) if args.prompt_file else args.task
     llm = _llm_from_args(args)
     with _client(args):
@@ -248,9 +255,20 @@ def main(argv: list[str] | None = None) -> int:
         dask.config.set({"logging.distributed": "warning"})
     try:
         return args.fn(args)
-    except USAGE_ERRORS as exc:
+    except StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the run started and stopped: say why, keep the traceback for -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: the run stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if not args.verbose:
+            print("hint: rerun with -v for the traceback; rerunning the same command resumes "
+                  "where this run stopped", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

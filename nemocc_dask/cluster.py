@@ -14,6 +14,7 @@ from pathlib import Path
 import dask.config
 import yaml
 
+from nemocc_dask.errors import StartError
 from nemocc_dask.gpu import require_gpu
 
 _DEFAULTS = Path(__file__).with_name("nemocc.yaml")
@@ -28,7 +29,7 @@ def _register_defaults() -> None:
 _register_defaults()
 
 
-class ClusterError(RuntimeError):
+class ClusterError(StartError):
     """The requested cluster cannot be started here; the message says why."""
 
 

@@ -11,10 +11,11 @@ import functools
 import importlib.util
 import os
 
+from nemocc_dask.errors import StartError
 from nemocc_dask.stages.backend import is_cudf
 
 
-class GPUError(RuntimeError):
+class GPUError(StartError):
     """The GPU path was asked for but cannot run here; the message says why and what to do."""
 
 
@@ -24,39 +25,54 @@ def _gpu_packages_installed() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def gpu_available() -> bool:
-    """True only if cuDF, dask-cudf and dask-cuda are installed and a CUDA device answers here.
+def gpu_problem() -> str | None:
+    """Why the GPU path cannot run in this process, or None when it can.
 
-    ``NEMOCC_DASK_FORCE_CPU=1`` makes it False (to test the CPU path on a GPU machine).
+    Tells apart: missing packages, ``NEMOCC_DASK_FORCE_CPU=1``, no NVIDIA driver or device, and a
+    cuDF that is installed but fails to import or to run (a CUDA/ABI mismatch), with its error.
     """
-    if os.environ.get("NEMOCC_DASK_FORCE_CPU") == "1" or not _gpu_packages_installed():
-        return False
+    if os.environ.get("NEMOCC_DASK_FORCE_CPU") == "1":
+        return "NEMOCC_DASK_FORCE_CPU=1 is set"
+    if not _gpu_packages_installed():
+        return ("the GPU path (--gpu, --cluster local-cuda) needs cuDF, dask-cudf and dask-cuda: "
+                "pip install 'nemocc_dask[gpu]' (CUDA 12) or 'nemocc_dask[gpu-cu13]' (CUDA 13)")
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            if pynvml.nvmlDeviceGetCount() == 0:
-                return False
+            count = pynvml.nvmlDeviceGetCount()
         finally:
             pynvml.nvmlShutdown()
+    except Exception as exc:
+        return f"no usable NVIDIA driver here ({type(exc).__name__}: {exc})"
+    if count == 0:
+        return "the NVIDIA driver sees no GPU"
+    try:
         import cudf
+    except Exception as exc:
+        return (f"cuDF is installed but does not import ({type(exc).__name__}: {exc}); reinstall "
+                "the [gpu] extra matching this machine's CUDA version")
+    try:
+        if int(cudf.Series([1, 2]).sum()) != 3:
+            return "cuDF computed a wrong result on this device"
+    except Exception as exc:
+        return (f"cuDF imports but cannot run on the GPU ({type(exc).__name__}: {exc}); check "
+                "that the [gpu] extra matches the driver's CUDA version")
+    return None
 
-        return int(cudf.Series([1, 2]).sum()) == 3
-    except Exception:
-        return False
+
+def gpu_available() -> bool:
+    """True only if cuDF, dask-cudf and dask-cuda are installed and a CUDA device answers here."""
+    return gpu_problem() is None
 
 
 def require_gpu() -> None:
     """Raise GPUError with the reason when the GPU path cannot run here (cheap; call it first)."""
-    if not _gpu_packages_installed():
-        raise GPUError("the GPU path (--gpu, --cluster local-cuda) needs cuDF, dask-cudf and "
-                       "dask-cuda: pip install 'nemocc_dask[gpu]' (CUDA 12) or "
-                       "'nemocc_dask[gpu-cu13]' (CUDA 13); or run without --gpu")
-    if not gpu_available():
-        raise GPUError("no usable CUDA device found (no NVIDIA driver or GPU visible to this "
-                       "process, or NEMOCC_DASK_FORCE_CPU=1); run without --gpu / "
-                       "--cluster local-cuda here")
+    problem = gpu_problem()
+    if problem is not None:
+        raise GPUError(f"cannot use the GPU: {problem}; or run without --gpu / "
+                       "--cluster local-cuda")
 
 
 def to_gpu(ddf):

@@ -1,9 +1,10 @@
 """Reading inputs (parquet or JSONL) into a Dask DataFrame with deterministic partitions, checking
 them before any request is sent, and writing files atomically.
 
-Partitions are explicit: a parquet file is cut at row-group boundaries into pieces of about
-``rows_per_partition`` rows, a JSONL file into line ranges. The same input therefore always gives the
-same partitions, which is what resuming relies on.
+Partitions are explicit: a parquet file is cut into row ranges of ``rows_per_partition`` rows
+(whatever its row groups; a piece reads only the row groups it overlaps), a JSONL file into line
+ranges. The same input and ``rows_per_partition`` always give the same partitions (the partition
+map, recorded in ``run.json``), which is what resuming relies on.
 """
 
 from __future__ import annotations
@@ -13,25 +14,28 @@ import hashlib
 import itertools
 import json
 import os
-from dataclasses import dataclass
+import secrets
+import socket
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
 
+from nemocc_dask.errors import StartError
 from nemocc_dask.stages.backend import to_host_list
 
 DEFAULT_ROWS_PER_PARTITION = 2000
 SAMPLE_PATH = Path(__file__).with_name("data") / "sample.parquet"
 
 
-class InputError(ValueError):
+class InputError(StartError, ValueError):
     """The input cannot be used; the message names the file or column and what to do."""
 
 
 @dataclass(frozen=True)
 class Piece:
-    """One partition of the input: a parquet row-group range or a JSONL line range."""
+    """One partition of the input: a parquet or JSONL row range ``[start, stop)`` of one file."""
 
     path: str
     kind: str  # "parquet" or "jsonl"
@@ -70,19 +74,33 @@ def _parquet_pieces(path: Path, rows_per_partition: int) -> list[Piece]:
     import pyarrow.parquet as pq
 
     try:
-        meta = pq.ParquetFile(path).metadata
+        rows = pq.ParquetFile(path).metadata.num_rows
     except Exception as exc:
         raise InputError(f"cannot read parquet file {str(path)!r}: {exc}. Is it corrupt or still "
                          "being written?") from None
-    pieces, start, rows = [], 0, 0
-    for group in range(meta.num_row_groups):
-        rows += meta.row_group(group).num_rows
-        if rows >= rows_per_partition:
-            pieces.append(Piece(str(path), "parquet", start, group + 1))
-            start, rows = group + 1, 0
-    if start < meta.num_row_groups or not pieces:
-        pieces.append(Piece(str(path), "parquet", start, meta.num_row_groups))
-    return pieces
+    if rows == 0:
+        return [Piece(str(path), "parquet", 0, 0)]
+    return [Piece(str(path), "parquet", s, min(rows, s + rows_per_partition))
+            for s in range(0, rows, rows_per_partition)]
+
+
+def _read_parquet_rows(path: str, start: int, stop: int, columns=None):
+    """Rows ``[start, stop)`` of a parquet file as an Arrow table, reading only the row groups
+    that overlap them."""
+    import pyarrow.parquet as pq
+
+    handle = pq.ParquetFile(path)
+    groups, first_row, offset = [], None, 0
+    for group in range(handle.metadata.num_row_groups):
+        n = handle.metadata.row_group(group).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(group)
+            first_row = offset if first_row is None else first_row
+        offset += n
+    if not groups:
+        return handle.schema_arrow.empty_table().select(columns or handle.schema_arrow.names)
+    table = handle.read_row_groups(groups, columns=columns)
+    return table.slice(start - first_row, stop - start)
 
 
 def _nonblank_lines(path: str | Path) -> Iterator[str]:
@@ -102,15 +120,10 @@ def _jsonl_pieces(path: Path, rows_per_partition: int) -> list[Piece]:
             for s in range(0, lines, rows_per_partition)]
 
 
-def read_piece(piece: Piece) -> pd.DataFrame:
-    """Load one partition into pandas."""
+def read_piece(piece: Piece, columns: list[str] | None = None) -> pd.DataFrame:
+    """Load one partition into pandas (only ``columns`` when given)."""
     if piece.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        groups = list(range(piece.start, piece.stop))
-        table = pq.ParquetFile(piece.path).read_row_groups(groups) if groups else \
-            pq.read_schema(piece.path).empty_table()
-        return table.to_pandas()
+        return _read_parquet_rows(piece.path, piece.start, piece.stop, columns).to_pandas()
     rows = []
     for i, line in enumerate(itertools.islice(_nonblank_lines(piece.path), piece.stop)):
         if i >= piece.start:
@@ -118,7 +131,8 @@ def read_piece(piece: Piece) -> pd.DataFrame:
                 rows.append(json.loads(line))
             except ValueError:
                 raise InputError(f"{piece.path}: line {i + 1} is not valid JSON") from None
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    return frame[columns] if columns is not None else frame
 
 
 def _meta(pieces: list[Piece]) -> pd.DataFrame:
@@ -131,14 +145,14 @@ def _meta(pieces: list[Piece]) -> pd.DataFrame:
     return sample.iloc[:0]
 
 
-def read_input(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION):
-    """A Dask DataFrame over parquet/JSONL files or folders, one partition per ``Piece``.
+def partition_map(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION) -> list[Piece]:
+    """The pieces (one per partition) of parquet/JSONL files or folders, in a fixed order.
 
     Raises InputError for a missing path, an unreadable/corrupt parquet file (named), or files
     whose columns differ.
     """
-    import dask.dataframe as dd
-
+    if rows_per_partition < 1:
+        raise InputError(f"rows_per_partition must be >= 1 (got {rows_per_partition})")
     files = _files(paths)
     pieces: list[Piece] = []
     for f in files:
@@ -150,12 +164,30 @@ def read_input(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION):
             raise InputError(f"input file {str(f)!r} has columns {list(other.columns)}, but "
                              f"{pieces[0].path!r} has {list(meta.columns)}; all inputs need the "
                              "same columns")
-    return dd.from_map(read_piece, pieces, meta=meta, enforce_metadata=False)
+    return pieces
 
 
-def input_fingerprint(paths) -> list:
-    """(path, size, mtime) of every input file: changes when an input changes."""
-    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in _files(paths)]
+def frame_from_pieces(pieces: list[Piece], columns: list[str] | None = None):
+    """A Dask DataFrame with one partition per piece (only ``columns`` when given)."""
+    import dask.dataframe as dd
+
+    meta = _meta(pieces)
+    if columns is not None:
+        meta = meta[columns]
+    return dd.from_map(read_piece, pieces, columns=columns, meta=meta, enforce_metadata=False)
+
+
+def read_input(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION):
+    """A Dask DataFrame over parquet/JSONL files or folders, one partition per ``Piece``."""
+    return frame_from_pieces(partition_map(paths, rows_per_partition))
+
+
+def input_fingerprint(paths, pieces: list[Piece]) -> dict:
+    """The run identity of an input: (path, size, mtime) of every file and the partition map
+    (each piece's file and row range). Changes when an input file or the partitioning changes."""
+    files = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in _files(paths)]
+    return {"files": files,
+            "partitions": [[str(Path(p.path).resolve()), p.kind, p.start, p.stop] for p in pieces]}
 
 
 def check_ids(ddf, id_field: str) -> int:
@@ -183,23 +215,61 @@ def check_ids(ddf, id_field: str) -> int:
     return int(table["rows"].sum())
 
 
+TMP_SUFFIX = ".nemocc-tmp"
+
+
+def temp_name(path: Path) -> Path:
+    """A temporary name beside ``path``, unique across hosts and processes (host, pid, random)."""
+    host = socket.gethostname().split(".")[0]
+    return path.with_name(f".{path.name}.{host}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    """Write ``data`` to ``path`` through a temporary file, fsync and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_name(path)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def atomic_write_parquet(frame, path: Path) -> None:
-    """Write a pandas/cuDF frame as parquet via a temporary file and a rename."""
+    """Write a pandas/cuDF frame as parquet via a temporary file, fsync and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_name(path)
     frame.to_parquet(tmp, index=False)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Delete temporary files left under ``folder`` by killed writers; returns how many.
+
+    Call only while holding the output folder's lock (no other writer can be running)."""
+    removed = 0
+    if folder.exists():
+        for tmp in folder.rglob(f".*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def digest(obj) -> str:

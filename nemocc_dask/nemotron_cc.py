@@ -13,7 +13,7 @@ from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.pipeline import require_columns, resolve_task, run_task
 from nemocc_dask.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS
 from nemocc_dask.report import combine
-from nemocc_dask.runner import Job, run_jobs
+from nemocc_dask.runner import Job, run_jobs, start_checks
 from nemocc_dask.stages.route import Route, select_route
 
 
@@ -62,9 +62,10 @@ def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict,
                                show_progress: bool = True, gpu: bool = False) -> dict:
     """Write ``output/<task>/`` for every task (same layout and resume as ``run_to_parquet``) and
     ``output/report.json`` (per task and total). Returns the per-task reports."""
-    jobs = [Job(resolve_task(task, text_field), _llm_for(task, llm), Path(output) / task,
-                Route(quality_field, float(threshold), high))
-            for task, high in _routes(tasks, high_tasks, low_tasks).items()]
+    with start_checks():
+        jobs = [Job(resolve_task(task, text_field), _llm_for(task, llm), Path(output) / task,
+                    Route(quality_field, float(threshold), high))
+                for task, high in _routes(tasks, high_tasks, low_tasks).items()]
     reports = run_jobs(data, jobs, tokenizer, id_field, seed, overwrite, retry_failed,
                        rows_per_partition, show_progress, gpu)
     io.atomic_write_bytes(Path(output) / "report.json",

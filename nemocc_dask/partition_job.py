@@ -1,6 +1,8 @@
 """One input partition, end to end, on a worker: route -> preprocess -> generate (journaled) ->
-postprocess -> write rejects, stats and the output part atomically. The output part is written
-last, so its existence means the partition is finished.
+postprocess -> write rejects, stats and the output part, each atomically, in that order. The
+output part is written last, so its existence means the partition is finished; a rewrite
+(``--retry-failed``) first deletes the part, so a crash mid-rewrite leaves it unfinished (and the
+next run redoes it from the journal).
 
 Output folder layout (one per task)::
 
@@ -55,14 +57,30 @@ def part_path(out_dir: str | Path, index: int) -> Path:
     return Path(out_dir) / "parts" / f"{part_name(index)}.parquet"
 
 
+def stats_path(out_dir: str | Path, index: int) -> Path:
+    return Path(out_dir) / "stats" / f"{part_name(index)}.json"
+
+
+def finished_stats(out_dir: str | Path, index: int) -> dict | None:
+    """The stats of partition ``index`` if it is finished (its part exists), else None."""
+    stats = stats_path(out_dir, index)
+    if not (stats.exists() and part_path(out_dir, index).exists()):
+        return None
+    try:
+        return json.loads(stats.read_text())
+    except ValueError:  # not expected (atomic writes), but then it is not finished
+        return None
+
+
 def _document_outcomes(input_ids: list, dropped: pd.DataFrame, kept_ids: set,
                        rejects: pd.DataFrame, id_field: str) -> tuple[int, Counter]:
-    """(documents written, documents not written by reason); every input id is counted once."""
+    """(documents written, documents not written by reason); every input id is counted once.
+
+    A document with no kept row is counted under the reason of its last reject row (the last
+    step that removed it, e.g. ``incomplete_document`` after one segment's ``llm_error``)."""
     reasons = Counter()
     dropped_ids = dict(zip(dropped["id"], dropped["reason"]))
-    reject_reason = {}
-    for doc_id, reason in zip(rejects[id_field].tolist(), rejects[REJECT_REASON].tolist()):
-        reject_reason.setdefault(doc_id, reason)
+    reject_reason = dict(zip(rejects[id_field].tolist(), rejects[REJECT_REASON].tolist()))
     written = 0
     for doc_id in set(input_ids):
         if doc_id in kept_ids:
@@ -74,13 +92,17 @@ def _document_outcomes(input_ids: list, dropped: pd.DataFrame, kept_ids: set,
     return written, reasons
 
 
-def process_partition(df, index: int, plan: PartitionPlan) -> dict:
+def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -> dict:
     """Process input partition ``index`` and write its files; returns its stats (also written to
-    ``stats/part-NNNNN.json``). A partition already written is not redone."""
+    ``stats/part-NNNNN.json``). A finished partition is returned as it is unless ``redo`` (then
+    its part is deleted first and every file is rewritten; failed requests are resent when
+    the plan says ``retry_failed``)."""
     out = Path(plan.out_dir)
-    stats_file = out / "stats" / f"{part_name(index)}.json"
-    if part_path(out, index).exists() and stats_file.exists():
-        return json.loads(stats_file.read_text())
+    if not redo:
+        done = finished_stats(out, index)
+        if done is not None:
+            return done
+    part_path(out, index).unlink(missing_ok=True)
     started = time.time()
     routed, invalid_quality = route_partition(df, plan.route)
     seconds: dict[str, float] = {}
@@ -100,15 +122,18 @@ def process_partition(df, index: int, plan: PartitionPlan) -> dict:
         input_ids, dropped, set(to_host_list(kept[plan.id_field])),
         rejects.to_pandas() if hasattr(rejects, "to_pandas") else rejects, plan.id_field)
     stats = {
-        "partition": index, "task": plan.preset.name,
+        "partition": index, "task": plan.preset.name, "input_rows": len(df),
         "documents_in": len(set(input_ids)), "documents_written": written,
         "documents_not_written": dict(not_written), "documents_invalid_quality": invalid_quality,
+        "documents_other_route": len(df) - len(routed) - invalid_quality,
         "segments": len(segments), "rows_written": len(kept),
         "rows_rejected": dict(Counter(to_host_list(rejects[REJECT_REASON]))),
         "requests": gen_stats["requests"], "attempts": gen_stats["attempts"],
         "retries": gen_stats["retries"], "reused_answers": gen_stats["reused_answers"],
         "duplicate_prompts": gen_stats["duplicate_prompts"],
+        "failed_requests": gen_stats["failed_requests"], "recovered": gen_stats["recovered"],
         "failed_by_class": dict(gen_stats["failed_by_class"]),
+        "retries_by_class": dict(gen_stats["retries_by_class"]),
         "prompt_tokens": int(pd.Series(to_host_list(generated["llm_prompt_tokens"]),
                                        dtype="Int64").sum()),
         "completion_tokens": int(pd.Series(to_host_list(generated["llm_completion_tokens"]),
@@ -117,6 +142,6 @@ def process_partition(df, index: int, plan: PartitionPlan) -> dict:
         "stage_seconds": {stage: round(t, 4) for stage, t in seconds.items()},
     }
     atomic_write_parquet(rejects, out / "rejects" / f"{part_name(index)}.parquet")
-    atomic_write_bytes(stats_file, json.dumps(stats, indent=1).encode())
+    atomic_write_bytes(stats_path(out, index), json.dumps(stats, indent=1).encode())
     atomic_write_parquet(kept, part_path(out, index))
     return stats

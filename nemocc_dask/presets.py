@@ -29,6 +29,9 @@ class TaskPreset:
 
     Token limits follow the reference's table. ``max_tokens`` (the generation limit sent to the
     endpoint) defaults to ``max_output_tokens``; generation fields left as ``None`` are not sent.
+    ``keep_incomplete_documents`` (re-joining tasks only): write a document even when some of its
+    segments were rejected (the reference's behaviour); by default such a document is rejected
+    as ``incomplete_document``.
     """
 
     name: str
@@ -45,6 +48,7 @@ class TaskPreset:
     response_prefix: str | None = None
     lines_to_remove: tuple[str, ...] = ()
     rejoin_segments: bool = False
+    keep_incomplete_documents: bool = False
     max_num_pairs: int = 10
     postprocess_steps: tuple[PostStep, ...] = (
         "drop_failed", "drop_truncated", "drop_too_long", "remove_markdown", "drop_too_short",
@@ -134,7 +138,8 @@ PRESETS: dict[str, TaskPreset] = {
         min_document_tokens=5, min_segment_tokens=5,
         max_input_tokens=512, max_output_tokens=512, postprocess_min_tokens=50,
         response_prefix=PARAPHRASE_PREFIX, rejoin_segments=True,
-        postprocess_steps=_PARAPHRASE_STEPS + ("join_segments", "drop_too_short"),
+        postprocess_steps=_PARAPHRASE_STEPS + ("drop_incomplete_documents", "join_segments",
+                                               "drop_too_short"),
     ),
     "diverse_qa": TaskPreset(
         name="diverse_qa",

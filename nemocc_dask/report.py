@@ -1,17 +1,20 @@
 """The run report: partition stats summed into one JSON document and a printed table.
 
-Counts add up by construction: ``documents_in == documents_written + sum(documents_not_written)``
-(checked and recorded as ``accounted``).
+Every input row is accounted for: ``documents_in == documents_written + sum(documents_not_written)``
+per task, ``documents_in + documents_invalid_quality + documents_other_route == input_rows``, and
+the rows of all partitions add up to the input's row count. ``accounted`` records the check and
+``accounting_errors`` says what did not add up (the runner then stops with an error).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-_SUMMED = ("documents_in", "documents_written", "documents_invalid_quality", "segments",
-           "rows_written", "requests", "attempts", "retries", "reused_answers",
-           "duplicate_prompts", "prompt_tokens", "completion_tokens")
-_COUNTERS = ("documents_not_written", "rows_rejected", "failed_by_class")
+_SUMMED = ("input_rows", "documents_in", "documents_written", "documents_invalid_quality",
+           "documents_other_route", "segments", "rows_written", "requests", "attempts", "retries",
+           "reused_answers", "duplicate_prompts", "failed_requests", "recovered", "prompt_tokens",
+           "completion_tokens")
+_COUNTERS = ("documents_not_written", "rows_rejected", "failed_by_class", "retries_by_class")
 
 
 def _sum_counts(items: list[dict]) -> dict:
@@ -29,8 +32,31 @@ def _sum_counts(items: list[dict]) -> dict:
     return out
 
 
-def aggregate(stats: list[dict], wall_seconds: float, partitions_skipped: int = 0) -> dict:
-    """Sum partition stats into a report (tokens/s is completion tokens per wall-clock second)."""
+def accounting_errors(report: dict, expected_rows: int | None = None,
+                      expected_partitions: int | None = None) -> list[str]:
+    """What does not add up in a report (empty when every input row is accounted for)."""
+    errors = []
+    outcomes = report["documents_written"] + sum(report["documents_not_written"].values())
+    if outcomes != report["documents_in"]:
+        errors.append(f"documents written + not written = {outcomes}, but documents in = "
+                      f"{report['documents_in']}")
+    routed = (report["documents_in"] + report["documents_invalid_quality"]
+              + report["documents_other_route"])
+    if routed != report["input_rows"]:
+        errors.append(f"documents in + invalid quality + other route = {routed}, but the "
+                      f"partitions read {report['input_rows']} rows")
+    if expected_partitions is not None and report["partitions"] != expected_partitions:
+        errors.append(f"{report['partitions']} partitions finished, expected {expected_partitions}")
+    if expected_rows is not None and report["input_rows"] != expected_rows:
+        errors.append(f"the partitions read {report['input_rows']} rows, but the input has "
+                      f"{expected_rows}")
+    return errors
+
+
+def aggregate(stats: list[dict], wall_seconds: float, partitions_skipped: int = 0,
+              expected_rows: int | None = None, expected_partitions: int | None = None) -> dict:
+    """Sum partition stats into a report (tokens/s is completion tokens per wall-clock second),
+    checking the counts against the input's row and partition counts when given."""
     report = _sum_counts(stats)
     endpoints: dict[str, dict] = {}
     for s in stats:
@@ -48,8 +74,8 @@ def aggregate(stats: list[dict], wall_seconds: float, partitions_skipped: int = 
     report["wall_seconds"] = round(wall_seconds, 3)
     report["completion_tokens_per_second"] = (round(report["completion_tokens"] / wall_seconds, 1)
                                               if wall_seconds > 0 else 0.0)
-    report["accounted"] = (report["documents_written"] + sum(report["documents_not_written"].values())
-                           == report["documents_in"])
+    report["accounting_errors"] = accounting_errors(report, expected_rows, expected_partitions)
+    report["accounted"] = not report["accounting_errors"]
     report["empty_input"] = report["documents_in"] == 0 and not report["documents_invalid_quality"]
     return report
 
@@ -70,6 +96,9 @@ def _rows(report: dict) -> list[tuple[str, str]]:
     rows += [("segments", report["segments"]), ("requests sent", report["requests"]),
              ("retries", report["retries"]), ("reused answers (journal)", report["reused_answers"]),
              ("duplicate prompts (sent once)", report["duplicate_prompts"])]
+    rows += [(f"  retried on: {k}", v) for k, v in report.get("retries_by_class", {}).items()]
+    if report.get("recovered"):
+        rows.append(("failed requests recovered (retry)", report["recovered"]))
     rows += [(f"  failed: {k}", v) for k, v in report["failed_by_class"].items()]
     rows += [(f"  filtered: {k}", v) for k, v in report["rows_rejected"].items()]
     rows += [("rows written", report["rows_written"]),
@@ -92,4 +121,6 @@ def render_table(report: dict, title: str = "nemocc-dask run") -> str:
     lines = [title, "-" * (width + 16)] + [f"{k:<{width}}  {v:>12}" for k, v in rows]
     if report.get("empty_input"):
         lines.append("the input is empty: nothing to do")
+    for error in report.get("accounting_errors", []):
+        lines.append(f"NOT ACCOUNTED: {error}")
     return "\n".join(lines)

@@ -1,12 +1,13 @@
-"""Driver side of a lossless run: check everything before the first request, skip finished
-partitions, run the rest on the cluster with a live progress line, and write the report.
+"""Driver side of a lossless run: check everything before the first request and before the output
+folder changes, lock the folder, skip finished partitions (or redo those with failed requests under
+``retry_failed``), run the rest on the cluster with a live progress line, and write the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import shutil
 import sys
 import threading
 import time
@@ -17,10 +18,13 @@ from pathlib import Path
 import dask
 
 from nemocc_dask import io
+from nemocc_dask.errors import ConfigError, RunError, StartError
 from nemocc_dask.gpu import to_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.preflight import preflight
-from nemocc_dask.partition_job import PartitionPlan, part_path, process_partition
+from nemocc_dask.output_folder import (MANIFEST, OutputError, OutputLock, check_output,
+                                       prepare_output)
+from nemocc_dask.partition_job import PartitionPlan, finished_stats, process_partition
 from nemocc_dask.pipeline import require_columns, resolve_task, worker_window
 from nemocc_dask.presets import TaskPreset
 from nemocc_dask.report import aggregate
@@ -28,12 +32,19 @@ from nemocc_dask.stages.route import Route
 from nemocc_dask.tokenizer import tokenizer_name
 
 logger = logging.getLogger(__name__)
-MANIFEST = "run.json"
-_OWNED = ("parts", "rejects", "stats", "journal", MANIFEST, "report.json")
+__all__ = ["Job", "OutputError", "run_jobs", "run_to_parquet"]
 
 
-class OutputError(ValueError):
-    """The output folder cannot be used for this run; the message says why and what to do."""
+@contextlib.contextmanager
+def start_checks():
+    """Turn a ValueError raised while checking a run into a ConfigError (a run that could not
+    start), keeping StartErrors as they are."""
+    try:
+        yield
+    except StartError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -47,35 +58,12 @@ class Job:
 
 
 def fingerprint(job: Job, inputs, tokenizer, seed: int, id_field: str) -> dict:
-    """Everything that changes results (not throughput knobs such as in-flight or workers)."""
+    """Everything that changes results or which rows land in which partition (not throughput
+    knobs such as in-flight or workers)."""
     return {"inputs": inputs, "task": job.preset.describe(), "llm": job.llm.fingerprint_fields(),
             "settings": job.llm.request_settings(job.preset), "tokenizer": tokenizer_name(tokenizer),
             "seed": seed, "id_field": id_field,
             "route": None if job.route is None else vars(job.route)}
-
-
-def prepare_output(out_dir: Path, material: dict, overwrite: bool) -> None:
-    """Create or resume ``out_dir``; raise OutputError if it holds another run or other files."""
-    digest = io.digest(material)
-    manifest = out_dir / MANIFEST
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not manifest.exists():
-            foreign = sorted(p.name for p in out_dir.iterdir())[:5]
-            raise OutputError(f"output folder {str(out_dir)!r} is not empty and holds no "
-                              f"nemocc-dask run (found {foreign}); choose an empty or new folder")
-        previous = json.loads(manifest.read_text()).get("fingerprint")
-        if previous != digest and not overwrite:
-            raise OutputError(f"output folder {str(out_dir)!r} holds a run with different settings "
-                              "or inputs (fingerprint mismatch); rerun with the same command to "
-                              "resume it, or pass --overwrite to start over")
-        if previous != digest or overwrite:
-            for name in _OWNED:
-                target = out_dir / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not manifest.exists():
-        io.atomic_write_bytes(manifest, json.dumps({"fingerprint": digest, "material": material},
-                                                   indent=1, default=str).encode())
 
 
 class Progress:
@@ -139,14 +127,31 @@ class Progress:
             print(("\r" if sys.stderr.isatty() else "") + self.line(), file=sys.stderr, flush=True)
 
 
-def _load_input(data, rows_per_partition: int):
+def _load_input(data, rows_per_partition: int, id_field: str):
+    """(frame, id-only frame, run identity of the input, number of partitions)."""
     if isinstance(data, (str, Path, list, tuple)):
-        return io.read_input(data, rows_per_partition), io.input_fingerprint(data)
-    return data, {"dask_token": dask.base.tokenize(data)}
+        pieces = io.partition_map(data, rows_per_partition)
+        ddf = io.frame_from_pieces(pieces)
+        ids = io.frame_from_pieces(pieces, [id_field]) if id_field in ddf.columns else None
+        return ddf, ids, io.input_fingerprint(data, pieces), len(pieces)
+    return data, None, {"dask_token": dask.base.tokenize(data)}, data.npartitions
+
+
+def _register_pool_plugin() -> None:
+    """Have every worker (also ones that join later) close its client pools when it closes."""
+    try:
+        from distributed import get_client
+
+        from nemocc_dask.llm.pool import PLUGIN_NAME, PoolsPlugin
+
+        get_client().register_plugin(PoolsPlugin(), name=PLUGIN_NAME)
+    except (ImportError, ValueError):
+        pass
 
 
 def _compute(tasks: list, progress: Progress) -> None:
-    """Run the partition tasks on the distributed client if there is one, else locally."""
+    """Run the partition tasks on the distributed client if there is one, else locally. On the
+    first failed partition the others are cancelled and its exception is raised."""
     try:
         from distributed import as_completed, get_client
 
@@ -155,9 +160,36 @@ def _compute(tasks: list, progress: Progress) -> None:
         dask.compute(*tasks)
         progress.done += len(tasks)
         return
-    for future in as_completed(client.compute(tasks)):
-        future.result()
-        progress.done += 1
+    futures = client.compute(tasks)
+    try:
+        for future in as_completed(futures):
+            future.result()
+            progress.done += 1
+    except BaseException:
+        client.cancel(futures)
+        raise
+
+
+def _needs_retry(stats: dict) -> bool:
+    """Whether a finished partition has requests that failed at the LLM."""
+    return bool(stats.get("failed_requests"))
+
+
+def _schedule(jobs: list[Job], parts: list, plans: dict, retry_failed: bool):
+    """(delayed partition tasks, partitions to run per task, partitions redone per task)."""
+    tasks, pending, redone = [], Counter(), Counter()
+    for job in jobs:
+        for index, part in enumerate(parts):
+            done = finished_stats(job.out_dir, index)
+            redo = done is not None and retry_failed and _needs_retry(done)
+            if done is not None and not redo:
+                continue
+            key = f"nemocc-{job.preset.name}-{index}-{io.digest(str(job.out_dir))[:8]}"
+            tasks.append(dask.delayed(process_partition)(part, index, plans[job.preset.name],
+                                                         redo, dask_key_name=key))
+            pending[job.preset.name] += 1
+            redone[job.preset.name] += redo
+    return tasks, pending, redone
 
 
 def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str = "id",
@@ -166,47 +198,63 @@ def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str 
              show_progress: bool = True, gpu: bool = False) -> dict[str, dict]:
     """Run several tasks over one input read once; returns each job's report by task name.
 
-    Everything that can be checked is checked before the first request: input paths and files,
-    the GPU (with ``gpu``), columns, duplicate ids, output folders, endpoints. Finished partitions
-    are skipped. With ``gpu`` the partitions are cuDF DataFrames (``nemocc_dask.gpu.to_gpu``).
+    Everything that can be checked is checked before the first request and before any output
+    folder changes: input paths and files, the GPU (with ``gpu``), columns, output folders (run
+    identity, locks), endpoints, duplicate ids. A refused run (StartError) leaves every output
+    folder as it was. Finished partitions are skipped; with ``retry_failed`` those with failed
+    requests are redone, resending only the failed requests. Raises RunError when a partition
+    fails (e.g. the failure budget stopped an endpoint) or the counts do not add up.
     """
     started = time.time()
-    ddf, inputs = _load_input(data, rows_per_partition)
-    if gpu:
-        ddf = to_gpu(ddf)
-    needed = {"id": id_field}
-    for job in jobs:
-        needed["text"] = job.preset.input_field
-        if job.route is not None:
-            needed["quality"] = job.route.field
-        require_columns(ddf.columns, needed)
-    for job in jobs:
-        prepare_output(job.out_dir, fingerprint(job, inputs, tokenizer, seed, id_field), overwrite)
-        preflight(job.llm)
-    io.check_ids(ddf, id_field)
-    parts = ddf.to_delayed()
-    tasks, pending = [], Counter()
-    for job in jobs:
-        plan = PartitionPlan(job.preset, job.llm, worker_window(job.llm), str(job.out_dir),
-                             tokenizer, id_field, seed, retry_failed, job.route)
-        for index, part in enumerate(parts):
-            if not part_path(job.out_dir, index).exists():
-                key = f"nemocc-{job.preset.name}-{index}-{io.digest(str(job.out_dir))[:8]}"
-                tasks.append(dask.delayed(process_partition)(part, index, plan,
-                                                             dask_key_name=key))
-                pending[job.preset.name] += 1
-    with Progress([j.out_dir for j in jobs], len(tasks), show_progress) as progress:
-        _compute(tasks, progress)
-    reports = {}
-    for job in jobs:
-        stats = [json.loads(p.read_text()) for p in sorted((job.out_dir / "stats").glob("*.json"))]
-        skipped = len(parts) - pending[job.preset.name]
-        report = aggregate(stats, time.time() - started, skipped)
-        report["task"] = job.preset.name
-        report["fingerprint"] = json.loads((job.out_dir / MANIFEST).read_text())["fingerprint"]
-        io.atomic_write_bytes(job.out_dir / "report.json", json.dumps(report, indent=1).encode())
-        reports[job.preset.name] = report
-    return reports
+    with start_checks():
+        ddf, ids, inputs, n_parts = _load_input(data, rows_per_partition, id_field)
+        if gpu:
+            ddf = to_gpu(ddf)
+        for job in jobs:
+            needed = {"id": id_field, "text": job.preset.input_field}
+            if job.route is not None:
+                needed["quality"] = job.route.field
+            require_columns(ddf.columns, needed)
+        materials = {job.preset.name: fingerprint(job, inputs, tokenizer, seed, id_field)
+                     for job in jobs}
+        modes = {job.preset.name: check_output(job.out_dir, materials[job.preset.name], overwrite)
+                 for job in jobs}
+        for job in jobs:
+            preflight(job.llm)
+        input_rows = io.check_ids(ids if ids is not None else ddf, id_field)
+    with contextlib.ExitStack() as locks:
+        for job in jobs:
+            locks.enter_context(OutputLock(job.out_dir))
+            prepare_output(job.out_dir, materials[job.preset.name], modes[job.preset.name])
+        _register_pool_plugin()
+        parts = ddf.to_delayed()
+        plans = {job.preset.name: PartitionPlan(job.preset, job.llm, worker_window(job.llm),
+                                                str(job.out_dir), tokenizer, id_field, seed,
+                                                retry_failed, job.route)
+                 for job in jobs}
+        tasks, pending, redone = _schedule(jobs, parts, plans, retry_failed)
+        if any(redone.values()):
+            logger.info("retrying failed requests in %d finished partition(s)",
+                        sum(redone.values()))
+        with Progress([j.out_dir for j in jobs], len(tasks), show_progress) as progress:
+            _compute(tasks, progress)
+        return {job.preset.name: _write_report(job, n_parts, pending[job.preset.name],
+                                               input_rows, time.time() - started)
+                for job in jobs}
+
+
+def _write_report(job: Job, n_parts: int, ran: int, input_rows: int, seconds: float) -> dict:
+    """Sum the job's partition stats into ``report.json``; RunError if the counts do not add up."""
+    stats = [json.loads(p.read_text()) for p in sorted((job.out_dir / "stats").glob("*.json"))]
+    report = aggregate(stats, seconds, n_parts - ran, expected_rows=input_rows,
+                       expected_partitions=n_parts)
+    report["task"] = job.preset.name
+    report["fingerprint"] = json.loads((job.out_dir / MANIFEST).read_text())["fingerprint"]
+    io.atomic_write_bytes(job.out_dir / "report.json", json.dumps(report, indent=1).encode())
+    if not report["accounted"]:
+        raise RunError(f"task {job.preset.name}: the counts in {job.out_dir / 'report.json'} do "
+                       "not add up: " + "; ".join(report["accounting_errors"]))
+    return report
 
 
 def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, tokenizer: str | None = None,
@@ -218,10 +266,12 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, tokeniz
 
     Layout: ``parts/`` (kept rows, one parquet file per input partition), ``rejects/`` (removed
     rows with ``reject_reason``), ``stats/``, ``journal/``, ``run.json`` and ``report.json``.
-    Rerunning the same call resumes; returns the report. ``gpu=True`` runs the stages on cuDF
-    partitions (GPUError at once where there is no usable GPU).
+    Rerunning the same call resumes; ``retry_failed=True`` also resends the requests that failed
+    in finished partitions and rewrites those partitions. Returns the report. ``gpu=True`` runs
+    the stages on cuDF partitions (GPUError at once where there is no usable GPU).
     """
-    preset = resolve_task(task, text_field, **overrides)
+    with start_checks():
+        preset = resolve_task(task, text_field, **overrides)
     job = Job(preset, llm, Path(output))
     return run_jobs(data, [job], tokenizer, id_field, seed, overwrite, retry_failed,
                     rows_per_partition, show_progress, gpu)[preset.name]

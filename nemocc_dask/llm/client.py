@@ -130,9 +130,12 @@ class OpenAIHTTPClient:
                 if resp.status != 200:
                     raise error_for_status(resp.status, raw, resp.headers.get("Retry-After"))
         except asyncio.TimeoutError:
-            raise RetryableError("timeout", f"no answer within {self._timeout:g} s") from None
+            raise RetryableError("timeout", f"{self.url}: no answer within {self._timeout:g} s "
+                                            "(raise --timeout for long answers or slow servers)"
+                                 ) from None
         except aiohttp.ClientError as exc:
-            raise RetryableError("connection", type(exc).__name__, connection=True) from None
+            raise RetryableError("connection", f"{self.url}: {type(exc).__name__}: {exc}",
+                                 connection=True) from None
         try:
             data = json.loads(raw)
         except ValueError:

@@ -35,6 +35,11 @@ class LLMConfig:
     temperature, top_p, top_k, max_tokens, seed, stop, n, extra_body:
         Generation settings; ``None`` takes the task preset's value. ``top_k`` is sent (as an extra
         body field) only when set.
+    max_failed_fraction, failure_min_requests:
+        The failure budget: once an endpoint has finished ``failure_min_requests`` requests and
+        more than ``max_failed_fraction`` of them failed (after retries), it gets no more
+        requests; when every endpoint is over budget the run stops (exit status 1) with the error
+        class and an example, keeping every answer received. ``max_failed_fraction=1`` turns it off.
     client_factory:
         Optional picklable zero-argument callable that builds a custom client on each worker
         (see ``nemocc_dask.llm.client``); replaces the HTTP client and ``base_url``.
@@ -50,6 +55,8 @@ class LLMConfig:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     endpoint_cooldown: float = 5.0
+    max_failed_fraction: float = 0.5
+    failure_min_requests: int = 20
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -77,6 +84,10 @@ class LLMConfig:
                              "`curl BASE_URL/models` lists them)")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1 (got {self.max_in_flight})")
+        if not 0 < self.max_failed_fraction <= 1:
+            raise ValueError(f"max_failed_fraction must be in (0, 1] (got {self.max_failed_fraction})")
+        if self.failure_min_requests < 1:
+            raise ValueError(f"failure_min_requests must be >= 1 (got {self.failure_min_requests})")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0 (got {self.max_retries})")
 
@@ -113,5 +124,6 @@ class LLMConfig:
         material = {"endpoints": list(self.endpoints), "window": window, "timeout": self.timeout,
                     "retries": self.max_retries, "backoff": [self.backoff_base, self.backoff_max],
                     "cooldown": self.endpoint_cooldown,
+                    "budget": [self.max_failed_fraction, self.failure_min_requests],
                     "key": hashlib.sha256((self.api_key or "").encode()).hexdigest()[:12]}
         return json.dumps(material, sort_keys=True)

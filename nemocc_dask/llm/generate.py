@@ -5,6 +5,7 @@ worker's pool, journal each answer as it arrives, and add the result columns.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
@@ -51,8 +52,18 @@ class Journal:
         return records
 
     def open(self):
+        """The journal opened for appending; a torn last line is first ended, so the next record
+        starts on a line of its own."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return open(self.path, "a", encoding="utf-8")
+        torn = False
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                torn = fh.read(1) != b"\n"
+        sink = open(self.path, "a", encoding="utf-8")
+        if torn:
+            sink.write("\n")
+        return sink
 
 
 def _record(result: Result) -> dict:
@@ -68,12 +79,14 @@ def _record(result: Result) -> dict:
             "choices": c.choices if c and c.choices else None,
             "error": error, "error_class": error_class,
             "endpoint": result.endpoint, "latency": round(result.latency, 4),
-            "attempts": result.attempts, "failed_endpoints": result.failed_endpoints}
+            "attempts": result.attempts, "failed_endpoints": result.failed_endpoints,
+            "retried": dict(collections.Counter(result.retried))}
 
 
 def new_stats() -> dict:
     return {"requests": 0, "attempts": 0, "retries": 0, "reused_answers": 0, "duplicate_prompts": 0,
-            "failed_by_class": collections.Counter(), "endpoints": {}}
+            "failed_requests": 0, "recovered": 0, "failed_by_class": collections.Counter(),
+            "retries_by_class": collections.Counter(), "endpoints": {}}
 
 
 def _count_endpoint(stats: dict, record: dict) -> None:
@@ -106,6 +119,7 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, window: int, toke
     records: dict[str, dict] = {}
     row_keys: list[str | None] = []
     pending: dict[str, Request] = {}
+    retrying: set[str] = set()  # keys whose journaled answer was a failure (retry_failed)
     journal = Journal(journal_path) if journal_path else None
     known = journal.load() if journal else {}
     for text, n_tokens in zip(texts, lengths):
@@ -127,25 +141,40 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, window: int, toke
             stats["duplicate_prompts"] += 1
         else:
             pending[key] = Request(key, messages, settings)
+            if old is not None:
+                retrying.add(key)
     if pending:
-        pool = get_pool(llm, window)
-        sink = journal.open() if journal else None
-        try:
-            for result in pool.stream(list(pending.values())):
+        _send(pending, get_pool(llm, window), journal, records, stats, retrying)
+    stats["failed_requests"] = sum(1 for r in records.values() if r.get("error"))
+    stats["retries"] = stats["attempts"] - stats["requests"]
+    out = _with_results(df, preset, llm, row_keys, records, stats)
+    return (out, stats) if return_stats else out
+
+
+def _send(pending: dict[str, Request], pool, journal: Journal | None, records: dict,
+          stats: dict, retrying: set[str]) -> None:
+    """Stream ``pending`` through ``pool``, journaling each answer as it arrives (aborted requests
+    are not journaled: they were never answered). Raises EndpointsBroken after journaling when
+    the failure budget stopped the pool."""
+    sink = journal.open() if journal else None
+    try:
+        with contextlib.closing(pool.stream(list(pending.values()))) as results:
+            for result in results:
+                if result.aborted:
+                    continue
                 record = _record(result)
                 records[result.key] = record
                 stats["requests"] += 1
                 stats["attempts"] += record["attempts"]
+                stats["retries_by_class"].update(record["retried"])
+                stats["recovered"] += result.key in retrying and not record["error"]
                 _count_endpoint(stats, record)
                 if sink is not None:
                     sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                     sink.flush()
-        finally:
-            if sink is not None:
-                sink.close()
-    stats["retries"] = stats["attempts"] - stats["requests"]
-    out = _with_results(df, preset, llm, row_keys, records, stats)
-    return (out, stats) if return_stats else out
+    finally:
+        if sink is not None:
+            sink.close()
 
 
 def _with_results(df, preset, llm, row_keys, records, stats):

@@ -6,6 +6,17 @@ endpoint: a slot is handed to the next waiting request the moment one frees up (
 waiting out a backoff hold no slot. 429/503 halve an endpoint's window (at most once per mean
 latency); each success grows it back by one, up to its configured size. An endpoint whose
 connections keep failing is taken out for a cool-down; its requests go to the others.
+
+Failure budget: an endpoint whose finished requests fail more than ``max_failed_fraction`` of the
+time (after ``failure_min_requests`` of them) is clearly broken and gets no more requests; when
+every endpoint is broken the pool stops dispatching, the requests not yet answered come back as
+``aborted`` (never journaled, so a rerun sends them) and ``stream`` raises ``EndpointsBroken``.
+
+Lifecycle: clients are built before the loop thread starts (a raising factory leaks nothing);
+a stream whose consumer stops (an exception, ``close()``) cancels its requests that are not on the
+wire yet; waits are bounded by a liveness check of the loop thread; ``close()`` removes the pool
+from the registry. On a Dask worker the pools belong to ``PoolsPlugin`` and are closed with the
+worker; elsewhere at interpreter exit. Synchronous clients run on an executor of ``window`` threads.
 """
 
 from __future__ import annotations
@@ -13,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import concurrent.futures
+import contextlib
 import queue
 import random
 import threading
@@ -20,10 +33,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from nemocc_dask.errors import RunError
 from nemocc_dask.llm.client import Completion, LLMRequestError, OpenAIHTTPClient, RetryableError
 from nemocc_dask.llm.config import LLMConfig
 
 CONNECTION_FAILURES_BEFORE_COOLDOWN = 3
+LIVENESS_CHECK_SECONDS = 1.0
+
+
+class EndpointsBroken(RunError):
+    """Every endpoint of a pool failed more than its failure budget allows."""
+
+
+class PoolClosed(RunError):
+    """The pool was closed (or its loop thread died) while requests were outstanding."""
 
 
 @dataclass
@@ -37,7 +62,10 @@ class Request:
 
 @dataclass
 class Result:
-    """The outcome of one request after retries: a completion or an error message."""
+    """The outcome of one request after retries: a completion or an error message.
+
+    ``aborted``: never answered because the pool stopped dispatching (not to be journaled).
+    ``retried``: the error class of each attempt that was retried."""
 
     key: str
     completion: Completion | None = None
@@ -47,6 +75,8 @@ class Result:
     endpoint: str | None = None
     latency: float = 0.0
     failed_endpoints: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
+    aborted: bool = False
 
 
 class Endpoint:
@@ -62,9 +92,35 @@ class Endpoint:
         self.cooldown_until = 0.0
         self.last_decrease = 0.0
         self.mean_latency = 1.0
+        self.finished_ok = 0
+        self.finished_failed = 0
+        self.example_failure: str | None = None
+        self.broken = False
 
     def has_slot(self, now: float) -> bool:
-        return now >= self.cooldown_until and self.in_flight < int(self.window)
+        return (not self.broken and now >= self.cooldown_until
+                and self.in_flight < int(self.window))
+
+    def count_outcome(self, failure: str | None, max_failed_fraction: float,
+                      min_requests: int) -> bool:
+        """Count a finished request (``failure`` is its error, None if answered); True when this
+        makes the endpoint broken (its failures exceed the budget)."""
+        if failure is None:
+            self.finished_ok += 1
+            return False
+        self.finished_failed += 1
+        self.example_failure = self.example_failure or failure
+        finished = self.finished_ok + self.finished_failed
+        if (not self.broken and finished >= min_requests
+                and self.finished_failed / finished > max_failed_fraction):
+            self.broken = True
+            return True
+        return False
+
+    def describe_failures(self) -> str:
+        return (f"{self.name}: {self.finished_failed} of "
+                f"{self.finished_ok + self.finished_failed} requests failed, e.g. "
+                f"{self.example_failure}")
 
     def on_success(self, latency: float) -> None:
         self.consecutive_connection_failures = 0
@@ -98,18 +154,28 @@ class WorkerPool:
 
     def __init__(self, endpoints: list[tuple[str, Callable[[], Any]]], window: int,
                  max_retries: int, backoff_base: float, backoff_max: float, cooldown: float,
-                 secret: str | None = None):
+                 secret: str | None = None, max_failed_fraction: float = 0.5,
+                 failure_min_requests: int = 20):
+        clients = [(name, factory()) for name, factory in endpoints]  # may raise: nothing to undo
         self._max_retries = max_retries
         self._backoff = (backoff_base, backoff_max)
         self._cooldown = cooldown
         self._secret = secret
+        self._budget = (max_failed_fraction, failure_min_requests)
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._wake_at: float | None = None
+        self.endpoints = [Endpoint(name, client, window) for name, client in clients]
+        self.broken: str | None = None
+        self.closed = False
+        self.registry_key: str | None = None
+        self._executor = None
+        if any(not hasattr(client, "complete") for _, client in clients):
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=window, thread_name_prefix="nemocc-sync-client")
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="nemocc-llm-pool",
                                         daemon=True)
         self._thread.start()
-        self.endpoints = [Endpoint(name, factory(), window) for name, factory in endpoints]
 
     # -- window -------------------------------------------------------------------------------
     def _pick(self, now: float) -> Endpoint | None:
@@ -138,14 +204,34 @@ class WorkerPool:
                 self.loop.call_at(self.loop.time() + (wake - now) + 0.001, self._dispatch)
 
     async def _acquire(self) -> Endpoint:
+        if self.broken:
+            raise EndpointsBroken(self.broken)
         waiter = self.loop.create_future()
         self._waiters.append(waiter)
         self._dispatch()
-        return await waiter
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # a slot was handed over: give it back
+                self._release(waiter.result())
+            raise
 
     def _release(self, endpoint: Endpoint) -> None:
         endpoint.in_flight -= 1
         self._dispatch()
+
+    # -- failure budget -----------------------------------------------------------------------
+    def _count_outcome(self, endpoint: Endpoint, failure: str | None) -> None:
+        if not endpoint.count_outcome(failure, *self._budget):
+            return
+        if all(e.broken for e in self.endpoints):
+            self.broken = self._redact(
+                f"stopped sending: more than {self._budget[0]:.0%} of requests failed at every "
+                "endpoint (" + "; ".join(e.describe_failures() for e in self.endpoints) + ")")
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_exception(EndpointsBroken(self.broken))
+            self._waiters.clear()
 
     # -- one request --------------------------------------------------------------------------
     def _redact(self, message: str) -> str:
@@ -155,19 +241,29 @@ class WorkerPool:
         client = endpoint.client
         if hasattr(client, "complete"):
             return await client.complete(request.messages, request.settings)
-        return await self.loop.run_in_executor(None, client.complete_sync, request.messages,
-                                               request.settings)
+        return await self.loop.run_in_executor(self._executor, client.complete_sync,
+                                               request.messages, request.settings)
+
+    async def _attempt(self, endpoint: Endpoint, request: Request) -> Completion:
+        """One call on ``endpoint``, holding its slot until the call ends (or is cancelled)."""
+        try:
+            return await self._call(endpoint, request)
+        finally:
+            self._release(endpoint)
 
     async def _run(self, request: Request) -> Result:
         result = Result(key=request.key)
         while True:
-            endpoint = await self._acquire()
+            try:
+                endpoint = await self._acquire()
+            except EndpointsBroken:
+                result.aborted = True
+                return self._failed(result, "aborted", f"aborted: {self.broken}")
             result.attempts += 1
             started = time.monotonic()
             try:
-                completion = await self._call(endpoint, request)
+                completion = await self._attempt(endpoint, request)
             except RetryableError as exc:
-                self._release(endpoint)
                 now = time.monotonic()
                 result.failed_endpoints.append(endpoint.name)
                 if exc.overload:
@@ -175,24 +271,29 @@ class WorkerPool:
                 if exc.connection and endpoint.on_connection_failure(now, self._cooldown):
                     self._dispatch()
                 if result.attempts > self._max_retries:
-                    return self._failed(result, exc.error_class, str(exc))
+                    return self._final_failure(endpoint, result, exc.error_class, str(exc))
+                result.retried.append(exc.error_class)
                 await asyncio.sleep(_backoff(result.attempts, *self._backoff, exc.retry_after))
                 continue
             except LLMRequestError as exc:
-                self._release(endpoint)
                 result.failed_endpoints.append(endpoint.name)
-                return self._failed(result, exc.error_class, str(exc))
+                return self._final_failure(endpoint, result, exc.error_class, str(exc))
             except Exception as exc:  # a custom client's own failure: the row fails, not the run
-                self._release(endpoint)
                 result.failed_endpoints.append(endpoint.name)
-                return self._failed(result, "client_error",
-                                    f"client_error: {type(exc).__name__}: {exc}")
+                return self._final_failure(endpoint, result, "client_error",
+                                           f"client_error: {type(exc).__name__}: {exc}")
             result.latency = time.monotonic() - started
             endpoint.on_success(result.latency)
-            self._release(endpoint)
+            self._count_outcome(endpoint, None)
             result.endpoint = endpoint.name
             result.completion = completion
             return result
+
+    def _final_failure(self, endpoint: Endpoint, result: Result, error_class: str,
+                       message: str) -> Result:
+        self._failed(result, error_class, message)
+        self._count_outcome(endpoint, result.error)
+        return result
 
     def _failed(self, result: Result, error_class: str, message: str) -> Result:
         result.error_class = error_class
@@ -202,51 +303,119 @@ class WorkerPool:
     async def _run_into(self, request: Request, out: queue.SimpleQueue) -> None:
         try:
             out.put(await self._run(request))
+        except asyncio.CancelledError:
+            raise
         except BaseException as exc:  # never leave the caller waiting for a result
             out.put(self._failed(Result(key=request.key), "internal",
                                  f"internal: {type(exc).__name__}: {exc}"))
 
     def stream(self, requests: list[Request]) -> Iterator[Result]:
-        """Yield one Result per request, in completion order (call from any thread but the loop)."""
+        """Yield one Result per request, in completion order (call from any thread but the loop).
+
+        Raises EndpointsBroken after the last result when the failure budget stopped the pool,
+        PoolClosed when the pool is closed or its thread dies. When the consumer stops early
+        (an exception in its loop body, ``close()`` on this generator), requests not yet on the
+        wire are cancelled and never sent."""
+        if self.closed:
+            raise PoolClosed("this client pool is closed")
         out: queue.SimpleQueue = queue.SimpleQueue()
+        tasks: list[asyncio.Task] = []
 
         def start() -> None:
-            for request in requests:
-                self.loop.create_task(self._run_into(request, out))
+            tasks.extend(self.loop.create_task(self._run_into(r, out)) for r in requests)
+
+        def cancel() -> None:
+            for task in tasks:
+                task.cancel()
 
         self.loop.call_soon_threadsafe(start)
-        for _ in range(len(requests)):
-            yield out.get()
+        received, aborted = 0, False
+        try:
+            while received < len(requests):
+                try:
+                    result = out.get(timeout=LIVENESS_CHECK_SECONDS)
+                except queue.Empty:
+                    if self.closed or not self._thread.is_alive():
+                        raise PoolClosed(f"the client pool stopped with {len(requests) - received}"
+                                         " request(s) unanswered") from None
+                    continue
+                received += 1
+                aborted = aborted or result.aborted
+                yield result
+        finally:
+            if received < len(requests) and self._thread.is_alive():
+                self.loop.call_soon_threadsafe(cancel)
+        if aborted:
+            raise EndpointsBroken(self.broken)
 
     def close(self) -> None:
-        """Close every client's connections and stop the loop thread."""
-        async def close_clients():
+        """Cancel outstanding requests, close every client, stop the loop thread and leave the
+        registry. Safe to call twice."""
+        _forget(self)
+        if self.closed:
+            return
+        self.closed = True
+
+        async def shutdown():
+            current = asyncio.current_task()
+            for task in asyncio.all_tasks():
+                if task is not current:
+                    task.cancel()
             for endpoint in self.endpoints:
                 aclose = getattr(endpoint.client, "aclose", None)
                 if aclose is not None:
                     await aclose()
 
-        if self.loop.is_running():
-            asyncio.run_coroutine_threadsafe(close_clients(), self.loop).result(timeout=10)
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=10)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 _POOLS: dict[str, WorkerPool] = {}
 _POOLS_LOCK = threading.Lock()
+PLUGIN_NAME = "nemocc-pools"
 
 
-@atexit.register
+def _forget(pool: WorkerPool) -> None:
+    with _POOLS_LOCK:
+        if pool.registry_key is not None and _POOLS.get(pool.registry_key) is pool:
+            del _POOLS[pool.registry_key]
+
+
 def close_pools() -> None:
-    """Close this process's pools (runs at interpreter exit)."""
+    """Close this process's pools."""
     with _POOLS_LOCK:
         pools = list(_POOLS.values())
-        _POOLS.clear()
     for pool in pools:
-        try:
+        with contextlib.suppress(Exception):
             pool.close()
-        except Exception:  # best effort at exit
-            pass
+
+
+atexit.register(close_pools)  # for pools outside Dask workers (threaded or sync scheduler)
+
+
+class PoolsPlugin(WorkerPlugin):
+    """Owns a worker's client pools: they are closed when the worker closes."""
+
+    name = PLUGIN_NAME
+
+    def teardown(self, worker) -> None:
+        close_pools()
+
+
+def _attach_to_worker() -> None:
+    """Make sure this process's Dask worker (if any) closes the pools when it closes."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return
+    worker.plugins.setdefault(PLUGIN_NAME, PoolsPlugin())
 
 
 def _factories(llm: LLMConfig, window: int) -> list[tuple[str, Callable[[], Any]]]:
@@ -260,16 +429,21 @@ def _factories(llm: LLMConfig, window: int) -> list[tuple[str, Callable[[], Any]
 def new_pool(llm: LLMConfig, window: int) -> WorkerPool:
     """A fresh pool for ``llm`` with ``window`` slots per endpoint (the caller closes it)."""
     return WorkerPool(_factories(llm, window), window, llm.max_retries, llm.backoff_base,
-                      llm.backoff_max, llm.endpoint_cooldown, llm.api_key)
+                      llm.backoff_max, llm.endpoint_cooldown, llm.api_key,
+                      llm.max_failed_fraction, llm.failure_min_requests)
 
 
 def get_pool(llm: LLMConfig, window: int) -> WorkerPool:
-    """This process's pool for ``llm`` with ``window`` slots per endpoint (created on first use)."""
+    """This process's pool for ``llm`` with ``window`` slots per endpoint (created on first use;
+    a closed or broken pool is replaced)."""
     key = llm.pool_key(window)
+    _attach_to_worker()
     with _POOLS_LOCK:
-        pool = _POOLS.get(key)
-        if pool is None:
+        pool = old = _POOLS.get(key)
+        if pool is None or pool.closed or pool.broken:
             pool = new_pool(llm, window)
+            pool.registry_key = key
             _POOLS[key] = pool
-        return pool
-
+    if old is not None and old is not pool:
+        old.close()
+    return pool

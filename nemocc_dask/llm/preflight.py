@@ -6,10 +6,11 @@ import json
 import urllib.error
 import urllib.request
 
+from nemocc_dask.errors import StartError
 from nemocc_dask.llm.config import LLMConfig
 
 
-class PreflightError(RuntimeError):
+class PreflightError(StartError):
     """The endpoint cannot serve this run; the message says what to fix."""
 
 

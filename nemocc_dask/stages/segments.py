@@ -71,7 +71,8 @@ def _ordered_groups(doc_ids: list, segment_ids: list) -> list[list[int]]:
 def join_segments(df, text_field: str = "text", document_id_field: str = "id",
                   segment_id_field: str = "segment_id", separator: str = "\n",
                   max_length: int | None = None, length_field: str | None = None,
-                  drop_segment_id_field: bool = False):
+                  drop_segment_id_field: bool = False, also_join: tuple[str, ...] = (),
+                  sum_fields: tuple[str, ...] = (), count_field: str | None = None):
     """Join the segments of each document in segment order.
 
     Without ``max_length`` (mode A): one row per document, texts joined with ``separator``, other
@@ -80,6 +81,10 @@ def join_segments(df, text_field: str = "text", document_id_field: str = "id",
     each chunk copies its first row, gets the joined text, the accumulated length and a new
     ``segment_id`` 0..k-1. A single over-long segment becomes its own chunk. Missing segments are
     skipped. Output is sorted by document id; rows without an id are dropped.
+
+    Mode A only: ``also_join`` text columns are joined like ``text_field``; ``sum_fields`` become
+    the sum over the document's segments (missing values count as 0); ``count_field`` is written
+    with the number of segments joined.
     """
     if max_length is not None and length_field is None:
         raise ValueError("max_length is specified but length_field is not")
@@ -90,6 +95,10 @@ def join_segments(df, text_field: str = "text", document_id_field: str = "id",
     texts = to_host_list(df[text_field])
     lengths = to_host_list(df[length_field]) if length_field else None
     first_rows, joined, acc_lengths, new_ids = [], [], [], []
+    extra_texts = {name: to_host_list(df[name]) for name in also_join}
+    extra_sums = {name: to_host_list(df[name]) for name in sum_fields}
+    joined_extra = {name: [] for name in (*also_join, *sum_fields)}
+    counts = []
     for group in _ordered_groups(to_host_list(df[document_id_field]),
                                  to_host_list(df[segment_id_field])):
         group = [p for p in group if isinstance(texts[p], str)]
@@ -98,6 +107,13 @@ def join_segments(df, text_field: str = "text", document_id_field: str = "id",
         if max_length is None:
             first_rows.append(group[0])
             joined.append(separator.join(texts[p] for p in group))
+            counts.append(len(group))
+            for name, values in extra_texts.items():
+                joined_extra[name].append(separator.join(str(values[p]) for p in group
+                                                         if isinstance(values[p], str)))
+            for name, values in extra_sums.items():
+                joined_extra[name].append(sum(int(values[p]) for p in group
+                                              if values[p] is not None and values[p] == values[p]))
             continue
         chunk_id, start, acc_len = 0, group[0], int(lengths[group[0]])
         parts = [texts[start]]
@@ -114,6 +130,10 @@ def join_segments(df, text_field: str = "text", document_id_field: str = "id",
         acc_lengths.append(acc_len); new_ids.append(chunk_id)
     out = df.iloc[first_rows].reset_index(drop=True)
     out[text_field] = series_like(joined, out, dtype=df[text_field].dtype)
+    for name, values in joined_extra.items():
+        out[name] = series_like(values, out, dtype=df[name].dtype)
+    if count_field is not None and max_length is None:
+        out[count_field] = series_like(counts, out, dtype="int64")
     if max_length is not None:
         out[length_field] = series_like(acc_lengths, out, dtype=df[length_field].dtype)
         out[segment_id_field] = series_like(new_ids, out, dtype=df[segment_id_field].dtype)
