@@ -49,7 +49,7 @@ def _add_endpoint_options(p: argparse.ArgumentParser, required: bool = True) -> 
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--max-failed-fraction", type=float, default=0.5,
                    help="stop the run when more than this fraction of an endpoint's requests "
-                        "fail after retries (checked after 20 requests; default 0.5; 1 = never)")
+                        "fail after retries (checked after 50 requests; default 0.5; 1 = never)")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -98,7 +98,9 @@ def _client(args):
         if not (cluster or args.scheduler or args.scheduler_file):
             cluster = "local-cuda"
     client = make_client(cluster, args.scheduler, args.scheduler_file, args.workers,
-                         args.threads_per_worker, jobs=args.slurm_jobs, queue=args.slurm_queue,
+                         args.threads_per_worker,
+                         worker_log_level=logging.WARNING if args.verbose else logging.CRITICAL,
+                         jobs=args.slurm_jobs, queue=args.slurm_queue,
                          account=args.slurm_account, walltime=args.slurm_walltime)
     try:
         yield client
@@ -252,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # read when distributed is first imported; its default is INFO
-        dask.config.set({"logging.distributed": "warning"})
+        # A failed partition is reported once, by this command (the worker would also log it
+        # with a traceback); -v keeps every log line.
+        quiet = {"distributed": "warning", "distributed.worker": "critical"}
+        dask.config.set({"logging": {**dask.config.get("logging", {}), **quiet}})
     try:
         return args.fn(args)
     except StartError as exc:

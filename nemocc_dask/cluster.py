@@ -63,9 +63,12 @@ def slurm_cluster(**overrides):
 
 def make_client(cluster: str | None = None, scheduler: str | None = None,
                 scheduler_file: str | None = None, workers: int | None = None,
-                threads_per_worker: int | None = None, **slurm_options):
+                threads_per_worker: int | None = None, worker_log_level: int = logging.WARNING,
+                **slurm_options):
     """A ``distributed.Client`` for the chosen cluster (``local``, ``local-cuda``, ``slurm``) or
     for an existing scheduler. The caller closes it (``client.close(); client.cluster.close()``).
+    ``worker_log_level``: what local workers log (the CLI raises it to CRITICAL without ``-v``,
+    since it reports failed partitions itself).
     """
     from distributed import Client, LocalCluster
 
@@ -81,7 +84,7 @@ def make_client(cluster: str | None = None, scheduler: str | None = None,
     if kind == "local":
         return Client(LocalCluster(n_workers=workers, threads_per_worker=threads,
                                    memory_limit=dask.config.get("nemocc.local.memory-limit"),
-                                   dashboard_address=None, silence_logs=logging.WARNING))
+                                   dashboard_address=None, silence_logs=worker_log_level))
     if kind == "local-cuda":
         require_gpu()
         from dask_cuda import LocalCUDACluster

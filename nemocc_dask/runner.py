@@ -142,7 +142,8 @@ def _register_pool_plugin() -> None:
     try:
         from distributed import get_client
 
-        from nemocc_dask.llm.pool import PLUGIN_NAME, PoolsPlugin
+        from nemocc_dask.llm.pool import PLUGIN_NAME
+        from nemocc_dask.llm.pool_plugin import PoolsPlugin
 
         get_client().register_plugin(PoolsPlugin(), name=PLUGIN_NAME)
     except (ImportError, ValueError):

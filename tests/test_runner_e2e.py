@@ -226,7 +226,8 @@ def test_fingerprint_mismatch_needs_overwrite(tmp_path, docs_parquet, cluster_cl
 def test_failed_rows_stay_failed_on_resume_unless_retry_failed(tmp_path, docs_parquet,
                                                                cluster_client):
     with MockLLMServer(fail_marker="supports 1", latency=0.0) as server:
-        llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=0)
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=0,
+                        max_failed_fraction=1.0)
         out = tmp_path / "out"
         first = run_to_parquet(docs_parquet, out, "distill", llm, show_progress=False)
         assert first["failed_by_class"].get("http_400", 0) > 0

@@ -56,7 +56,7 @@ class LLMConfig:
     backoff_max: float = 30.0
     endpoint_cooldown: float = 5.0
     max_failed_fraction: float = 0.5
-    failure_min_requests: int = 20
+    failure_min_requests: int = 50
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None

@@ -33,8 +33,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from distributed.diagnostics.plugin import WorkerPlugin
-
 from nemocc_dask.errors import RunError
 from nemocc_dask.llm.client import Completion, LLMRequestError, OpenAIHTTPClient, RetryableError
 from nemocc_dask.llm.config import LLMConfig
@@ -155,7 +153,7 @@ class WorkerPool:
     def __init__(self, endpoints: list[tuple[str, Callable[[], Any]]], window: int,
                  max_retries: int, backoff_base: float, backoff_max: float, cooldown: float,
                  secret: str | None = None, max_failed_fraction: float = 0.5,
-                 failure_min_requests: int = 20):
+                 failure_min_requests: int = 50):
         clients = [(name, factory()) for name, factory in endpoints]  # may raise: nothing to undo
         self._max_retries = max_retries
         self._backoff = (backoff_base, backoff_max)
@@ -227,7 +225,9 @@ class WorkerPool:
         if all(e.broken for e in self.endpoints):
             self.broken = self._redact(
                 f"stopped sending: more than {self._budget[0]:.0%} of requests failed at every "
-                "endpoint (" + "; ".join(e.describe_failures() for e in self.endpoints) + ")")
+                "endpoint (" + "; ".join(e.describe_failures() for e in self.endpoints) + "). "
+                "The answers received are kept: fix the cause, then rerun the same command with "
+                "--retry-failed (retry_failed=True) to resend only the failed requests")
             for waiter in self._waiters:
                 if not waiter.done():
                     waiter.set_exception(EndpointsBroken(self.broken))
@@ -312,7 +312,7 @@ class WorkerPool:
     def stream(self, requests: list[Request]) -> Iterator[Result]:
         """Yield one Result per request, in completion order (call from any thread but the loop).
 
-        Raises EndpointsBroken after the last result when the failure budget stopped the pool,
+        Raises EndpointsBroken after the last result when the pool is over its failure budget,
         PoolClosed when the pool is closed or its thread dies. When the consumer stops early
         (an exception in its loop body, ``close()`` on this generator), requests not yet on the
         wire are cancelled and never sent."""
@@ -329,7 +329,7 @@ class WorkerPool:
                 task.cancel()
 
         self.loop.call_soon_threadsafe(start)
-        received, aborted = 0, False
+        received = 0
         try:
             while received < len(requests):
                 try:
@@ -340,12 +340,11 @@ class WorkerPool:
                                          " request(s) unanswered") from None
                     continue
                 received += 1
-                aborted = aborted or result.aborted
                 yield result
         finally:
             if received < len(requests) and self._thread.is_alive():
                 self.loop.call_soon_threadsafe(cancel)
-        if aborted:
+        if self.broken:
             raise EndpointsBroken(self.broken)
 
     def close(self) -> None:
@@ -398,15 +397,6 @@ def close_pools() -> None:
 atexit.register(close_pools)  # for pools outside Dask workers (threaded or sync scheduler)
 
 
-class PoolsPlugin(WorkerPlugin):
-    """Owns a worker's client pools: they are closed when the worker closes."""
-
-    name = PLUGIN_NAME
-
-    def teardown(self, worker) -> None:
-        close_pools()
-
-
 def _attach_to_worker() -> None:
     """Make sure this process's Dask worker (if any) closes the pools when it closes."""
     try:
@@ -415,6 +405,8 @@ def _attach_to_worker() -> None:
         worker = get_worker()
     except (ImportError, ValueError):
         return
+    from nemocc_dask.llm.pool_plugin import PoolsPlugin
+
     worker.plugins.setdefault(PLUGIN_NAME, PoolsPlugin())
 
 

@@ -1,0 +1,268 @@
+"""Runs a user can trust, as a user meets them: an outage then --retry-failed with the output kept,
+a resume with other partitions refused, refused runs that leave the folder as it was, incomplete
+Wikipedia documents, a broken endpoint or client stopping the run, stable reject files, the lock."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask.dataframe as dd
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nemocc_dask import LLMConfig
+from nemocc_dask.errors import RunError
+from nemocc_dask.llm.mock import MockLLMServer
+from nemocc_dask.output_folder import OutputError
+from nemocc_dask.runner import run_to_parquet
+
+from conftest import make_docs
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args):
+    return [sys.executable, "-m", "nemocc_dask.cli", *args]
+
+
+def read_parts(out: Path) -> pd.DataFrame:
+    frame = pd.concat([pd.read_parquet(f) for f in sorted((out / "parts").glob("*.parquet"))],
+                      ignore_index=True)
+    return frame.sort_values(["id", "segment_id"]).reset_index(drop=True)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` with its bytes (what 'unchanged' means)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_outage_then_retry_failed_recovers_rows_with_parts_kept(tmp_path, docs_parquet,
+                                                                cluster_client):
+    with MockLLMServer(latency=0.002) as server:
+        ok = LLMConfig(base_url=server.base_url, model="mock")
+        reference = run_to_parquet(docs_parquet, tmp_path / "reference", "distill", ok,
+                                   rows_per_partition=20, show_progress=False)
+        server.rates = (0.0, 1.0, 0.0)  # the outage: every request answers 500
+        down = LLMConfig(base_url=server.base_url, model="mock", max_retries=0,
+                         max_failed_fraction=1.0)
+        out = tmp_path / "out"
+        first = run_to_parquet(docs_parquet, out, "distill", down, rows_per_partition=20,
+                               show_progress=False)
+        server.rates = (0.0, 0.0, 0.0)  # the endpoint is back
+        before = server.stats.requests
+        again = run_to_parquet(docs_parquet, out, "distill", down, rows_per_partition=20,
+                               show_progress=False)
+        assert server.stats.requests == before  # without --retry-failed: nothing resent
+        proc = subprocess.run(cli("run", "--task", "distill", "--input", str(docs_parquet),
+                                  "--output", str(out), "--base-url", server.base_url,
+                                  "--model", "mock", "--max-retries", "0",
+                                  "--max-failed-fraction", "1", "--rows-per-partition", "20",
+                                  "--workers", "1", "--retry-failed", "--no-progress"),
+                              capture_output=True, text=True, timeout=300)
+        resent = server.stats.requests - before
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert first["failed_requests"] == first["segments"] > 0 and first["rows_written"] == 0
+    assert again["rows_written"] == 0
+    assert resent == first["failed_requests"]  # only the failed requests, once each
+    final = json.loads((out / "report.json").read_text())
+    assert final["recovered"] == first["failed_requests"] and final["failed_requests"] == 0
+    assert final["rows_written"] == reference["rows_written"] and final["accounted"]
+    pd.testing.assert_frame_equal(read_parts(out), read_parts(tmp_path / "reference"))
+    rejects = pd.concat(pd.read_parquet(f) for f in (out / "rejects").glob("*.parquet"))
+    assert "llm_error" not in set(rejects["reject_reason"])
+
+
+def test_resume_with_other_rows_per_partition_is_refused(tmp_path, docs_parquet, cluster_client):
+    out = tmp_path / "out"
+    with MockLLMServer() as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock")
+        run_to_parquet(docs_parquet, out, "knowledge_list", llm, rows_per_partition=20,
+                       show_progress=False)
+        (out / "parts" / "part-00001.parquet").unlink()
+        before = snapshot(out)
+        with pytest.raises(OutputError, match="partition map .*3 partitions before, 6 now"):
+            run_to_parquet(docs_parquet, out, "knowledge_list", llm, rows_per_partition=10,
+                           show_progress=False)
+        assert snapshot(out) == before
+        report = run_to_parquet(docs_parquet, out, "knowledge_list", llm, rows_per_partition=20,
+                                show_progress=False)
+    parts = read_parts(out)
+    assert not parts.duplicated(["id", "segment_id"]).any()
+    assert report["documents_in"] == 60 and report["accounted"]
+
+
+def test_overwrite_with_dead_endpoint_leaves_folder_byte_identical(tmp_path, docs_parquet):
+    out = tmp_path / "out"
+    with MockLLMServer() as server:
+        base = ["run", "--task", "distill", "--input", str(docs_parquet), "--output", str(out),
+                "--model", "mock", "--workers", "1", "--no-progress"]
+        subprocess.run(cli(*base, "--base-url", server.base_url), check=True,
+                       capture_output=True, timeout=300)
+    before = snapshot(out)
+    proc = subprocess.run(cli(*base, "--base-url", "http://127.0.0.1:9/v1", "--overwrite"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "cannot reach endpoint http://127.0.0.1:9/v1" in proc.stderr
+    assert snapshot(out) == before
+
+
+def test_refused_run_leaves_nothing_and_the_corrected_rerun_works(tmp_path):
+    docs = make_docs(20)
+    docs.loc[5, "id"] = 4  # a duplicate id
+    path = tmp_path / "docs.parquet"
+    docs.to_parquet(path, index=False)
+    out = tmp_path / "out"
+    with MockLLMServer() as server:
+        base = ["run", "--task", "distill", "--input", str(path), "--output", str(out),
+                "--base-url", server.base_url, "--model", "mock", "--workers", "1",
+                "--no-progress"]
+        refused = subprocess.run(cli(*base), capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "duplicate id" in refused.stderr
+        assert not out.exists()
+        assert server.stats.requests == 0
+        docs.loc[5, "id"] = 5
+        docs.to_parquet(path, index=False)
+        fixed = subprocess.run(cli(*base), capture_output=True, text=True, timeout=300)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert json.loads((out / "report.json").read_text())["documents_in"] == 20
+
+
+def _four_segment_docs() -> pd.DataFrame:
+    """Documents of four paragraphs of ~300 tokens each (so four segments each); document 1's
+    third paragraph carries the mock's failure marker."""
+    def paragraph(doc: int, k: int) -> str:
+        marker = "FAILME " if (doc, k) == (1, 2) else ""
+        return marker + (f"Paragraph {k} of document {doc} describes the valley, its rivers and "
+                         f"the mills that stood along them for two centuries. ") * 12
+    return pd.DataFrame({"id": [0, 1, 2],
+                         "text": ["\n".join(paragraph(d, k) for k in range(4)) for d in range(3)]})
+
+
+@pytest.mark.parametrize("keep_incomplete", [False, True])
+def test_wikipedia_document_with_a_failed_segment(tmp_path, cluster_client, keep_incomplete):
+    path = tmp_path / "docs.parquet"
+    docs = _four_segment_docs()
+    docs.to_parquet(path, index=False)
+    out = tmp_path / "out"
+    with MockLLMServer(fail_marker="FAILME") as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=0)
+        report = run_to_parquet(path, out, "wikipedia_paraphrasing", llm, show_progress=False,
+                                keep_incomplete_documents=keep_incomplete)
+    assert report["segments"] == 12 and report["accounted"]
+    parts = pd.read_parquet(out / "parts")
+    rejects = pd.read_parquet(out / "rejects")
+    assert list(rejects.loc[rejects["reject_reason"] == "llm_error", "id"]) == [1]
+    assert (parts["segments_total"] == 4).all()
+    if keep_incomplete:
+        assert sorted(parts["id"]) == [0, 1, 2]
+        row = parts.set_index("id").loc[1]
+        assert row["segments_kept"] == 3 and "FAILME" not in row["text"]
+    else:
+        assert sorted(parts["id"]) == [0, 2] and (parts["segments_kept"] == 4).all()
+        assert report["documents_not_written"] == {"incomplete_document": 1}
+        incomplete = rejects[rejects["reject_reason"] == "incomplete_document"]
+        assert list(incomplete["id"]) == [1, 1, 1]
+        assert set(incomplete["reject_detail"]) == {"3 of 4 segments left"}
+    # a re-joined row describes the whole document, not its first segment
+    whole = parts.set_index("id").loc[0]
+    assert whole["text"] == docs.loc[0, "text"]
+    assert whole["segment_token_count"] > 4 * 250
+    assert whole["llm_completion_tokens"] > 4 * 200
+
+
+class TypeErrorClient:
+    """A custom client with a bug: every call raises TypeError."""
+
+    def complete_sync(self, messages, settings):
+        return len(messages) + "tokens"
+
+
+def test_broken_custom_client_stops_the_run_with_its_error(tmp_path, docs_parquet,
+                                                           cluster_client):
+    out = tmp_path / "out"
+    llm = LLMConfig(client_factory=TypeErrorClient, failure_min_requests=10)
+    with pytest.raises(RunError, match=r"client_error: TypeError: .*unsupported operand"):
+        run_to_parquet(docs_parquet, out, "distill", llm, show_progress=False)
+    assert not list((out / "parts").glob("*.parquet"))
+
+
+def test_dead_endpoint_mid_run_exits_1_with_the_reason(tmp_path, docs_parquet):
+    out = tmp_path / "out"
+    with MockLLMServer(rate_500=1.0) as server:
+        proc = subprocess.run(cli("run", "--task", "distill", "--input", str(docs_parquet),
+                                  "--output", str(out), "--base-url", server.base_url,
+                                  "--model", "mock", "--max-retries", "0", "--workers", "1",
+                                  "--max-in-flight", "4", "--no-progress"),
+                              capture_output=True, text=True, timeout=300)
+        sent = server.stats.requests
+    assert proc.returncode == 1
+    assert "http_500" in proc.stderr and "stopped sending" in proc.stderr
+    assert "rerun with -v" in proc.stderr and "Traceback" not in proc.stderr
+    assert 50 <= sent <= 54  # stopped once 50 had failed, with at most a window in flight
+
+
+def test_rejects_of_all_partitions_read_back_with_every_column(tmp_path, docs_parquet,
+                                                               cluster_client):
+    out = tmp_path / "out"
+    with MockLLMServer(fail_marker="supports 1") as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=0,
+                        max_failed_fraction=1.0)
+        run_to_parquet(docs_parquet, out, "distill", llm, rows_per_partition=20,
+                       show_progress=False, postprocess_max_tokens=60)
+    files = sorted((out / "rejects").glob("*.parquet"))
+    schemas = {str(pq.read_schema(f)) for f in files}
+    assert len(files) == 3 and len(schemas) == 1
+    rejects = dd.read_parquet(str(out / "rejects")).compute()
+    for column in ("response_token_count", "output_token_count", "llm_raw_output",
+                   "reject_detail", "llm_error"):
+        assert column in rejects.columns
+    too_long = rejects[rejects["reject_reason"] == "too_long"]
+    assert len(too_long) and (too_long["response_token_count"] > 60).all()
+    assert all(d.startswith("response_token_count ") and d.endswith("> 60")
+               for d in too_long["reject_detail"])
+    assert too_long["llm_raw_output"].str.startswith("Paraphrased Text:").all()
+    failed = rejects[rejects["reject_reason"] == "llm_error"]
+    assert len(failed) and failed["reject_detail"].str.contains("http_400").all()
+
+
+def test_second_run_on_a_locked_folder_is_refused(tmp_path, docs_parquet):
+    out = tmp_path / "out"
+    with MockLLMServer(latency=0.3) as server:
+        base = ["run", "--task", "knowledge_list", "--input", str(docs_parquet), "--output",
+                str(out), "--base-url", server.base_url, "--model", "mock", "--workers", "1",
+                "--max-in-flight", "2", "--no-progress"]
+        first = subprocess.Popen(cli(*base), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / ".nemocc.lock").exists():
+            time.sleep(0.1)
+        second = subprocess.run(cli(*base), capture_output=True, text=True, timeout=300)
+        first.communicate(timeout=300)
+    assert second.returncode == 2
+    assert f"pid {first.pid}" in second.stderr and "being written by another run" in second.stderr
+    assert first.returncode == 0
+    assert not (out / ".nemocc.lock").exists()
+
+
+def test_stale_lock_and_temp_files_of_a_dead_run_are_cleaned(tmp_path, docs_parquet,
+                                                            cluster_client):
+    import socket
+
+    out = tmp_path / "out"
+    with MockLLMServer() as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock")
+        run_to_parquet(docs_parquet, out, "distill", llm, show_progress=False)
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout.strip()
+        (out / ".nemocc.lock").write_text(json.dumps(
+            {"host": socket.gethostname(), "pid": int(dead), "heartbeat": time.time()}))
+        stale = out / "parts" / ".part-00000.parquet.otherhost.123.abcd.nemocc-tmp"
+        stale.write_bytes(b"half a file")
+        report = run_to_parquet(docs_parquet, out, "distill", llm, show_progress=False)
+    assert report["partitions_skipped"] == report["partitions"]
+    assert not stale.exists() and not (out / ".nemocc.lock").exists()
