@@ -1,0 +1,66 @@
+"""Input partitioning: row ranges independent of row groups, reading only what a piece needs,
+the run identity of an input, and atomic writes with unique temporary names."""
+
+import os
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nemocc_dask import io
+
+from conftest import make_docs
+
+
+@pytest.mark.parametrize("row_group_size", [None, 7, 25])
+def test_parquet_pieces_are_row_ranges_whatever_the_row_groups(tmp_path, row_group_size):
+    path = tmp_path / "docs.parquet"
+    docs = make_docs(55)
+    pq.write_table(pa.Table.from_pandas(docs, preserve_index=False), path,
+                   row_group_size=row_group_size)
+    pieces = io.partition_map(path, 20)
+    assert [(p.start, p.stop) for p in pieces] == [(0, 20), (20, 40), (40, 55)]
+    got = pd.concat([io.read_piece(p) for p in pieces], ignore_index=True)
+    pd.testing.assert_frame_equal(got, docs)
+    assert list(io.read_piece(pieces[1], ["id"]).columns) == ["id"]
+
+
+def test_a_piece_reads_only_the_row_groups_it_overlaps(tmp_path, monkeypatch):
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.Table.from_pandas(make_docs(100), preserve_index=False), path,
+                   row_group_size=10)
+    read = []
+    original = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: (read.append(list(groups)),
+                                                    original(self, groups, **kw))[1])
+    frame = io.read_piece(io.Piece(str(path), "parquet", 25, 45))
+    assert read == [[2, 3, 4]] and list(frame["id"]) == list(range(25, 45))
+
+
+def test_one_row_group_file_gives_ceil_rows_over_rows_per_partition(tmp_path):
+    path = tmp_path / "docs.parquet"
+    make_docs(1500).to_parquet(path, index=False)
+    assert pq.ParquetFile(path).metadata.num_row_groups == 1
+    assert io.read_input(path, 100).npartitions == 15
+
+
+def test_run_identity_changes_with_the_partition_map(tmp_path):
+    path = tmp_path / "docs.parquet"
+    make_docs(60).to_parquet(path, index=False)
+    at20 = io.input_fingerprint(path, io.partition_map(path, 20))
+    at10 = io.input_fingerprint(path, io.partition_map(path, 10))
+    assert at20["files"] == at10["files"] and at20["partitions"] != at10["partitions"]
+
+
+def test_atomic_writes_use_unique_temp_names_and_stale_ones_are_removed(tmp_path):
+    target = tmp_path / "parts" / "part-00000.parquet"
+    names = {io.temp_name(target).name for _ in range(50)}
+    assert len(names) == 50 and all(str(os.getpid()) in n for n in names)
+    io.atomic_write_parquet(pd.DataFrame({"a": [1]}), target)
+    io.atomic_write_bytes(tmp_path / "stats" / "s.json", b"{}")
+    stale = io.temp_name(target)
+    stale.write_bytes(b"torn")
+    assert io.remove_stale_temps(tmp_path) == 1 and not stale.exists()
+    assert pd.read_parquet(target)["a"].tolist() == [1]
