@@ -103,27 +103,43 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, docs_parquet):
 
 
 def test_lost_worker_loses_nothing(tmp_path, docs_parquet):
+    import threading
+
     from distributed import Client, LocalCluster
 
     out = tmp_path / "out"
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster) as client, MockLLMServer(latency=0.2) as server:
         llm = LLMConfig(base_url=server.base_url, model="mock", max_in_flight=8)
-        import threading
+        reference = run_to_parquet(docs_parquet, tmp_path / "reference", "knowledge_list", llm,
+                                   rows_per_partition=10, show_progress=False)
+        at_kill = {}
 
         def kill_one_worker():
-            time.sleep(2.5)
+            deadline = time.time() + 60
+            journal = out / "journal"
+            while time.time() < deadline:  # wait until partitions are being answered
+                if journal.exists() and sum(len(j.read_text().splitlines())
+                                            for j in journal.glob("*.jsonl")) >= 5:
+                    break
+                time.sleep(0.05)
             pid = list(client.run(os.getpid).values())[0]
+            at_kill["finished"] = len(list((out / "parts").glob("*.parquet"))) \
+                if (out / "parts").exists() else 0
             os.kill(pid, signal.SIGKILL)
+            at_kill["done"] = True
 
         killer = threading.Thread(target=kill_one_worker)
         killer.start()
         report = run_to_parquet(docs_parquet, out, "knowledge_list", llm, rows_per_partition=10,
                                 show_progress=False)
         killer.join()
-    parts = read_parts(out)
-    assert not parts.duplicated(["id", "segment_id"]).any()
-    assert report["documents_in"] == 60
+    assert at_kill.get("done") and at_kill["finished"] < 6  # the kill landed mid-run
+    key = ["id", "segment_id"]
+    got = read_parts(out).sort_values(key).reset_index(drop=True)
+    expected = read_parts(tmp_path / "reference").sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected)
+    assert report["documents_in"] == 60 and report["rows_written"] == reference["rows_written"]
     assert_report_adds_up(report)
 
 
