@@ -1,6 +1,7 @@
 """Input partitioning: row ranges independent of row groups, reading only what a piece needs,
 the run identity of an input, and atomic writes with unique temporary names."""
 
+import json
 import os
 
 import pandas as pd
@@ -64,3 +65,24 @@ def test_atomic_writes_use_unique_temp_names_and_stale_ones_are_removed(tmp_path
     stale.write_bytes(b"torn")
     assert io.remove_stale_temps(tmp_path) == 1 and not stale.exists()
     assert pd.read_parquet(target)["a"].tolist() == [1]
+
+
+def test_jsonl_pieces_seek_to_their_lines_and_read_each_line_once(tmp_path, monkeypatch):
+    lines = [json.dumps({"id": i, "text": f"doc {i} é"}) for i in range(25)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(lines[:10]) + "\n\n \r\n" + "\r\n".join(lines[10:]) + "\n",
+                    encoding="utf-8")
+    pieces = io.partition_map(path, 10)
+    assert [(p.start, p.stop) for p in pieces] == [(0, 10), (10, 20), (20, 25)]
+    yielded = []
+    original = io._nonblank_lines
+
+    def counting(*args):
+        for item in original(*args):
+            yielded.append(item)
+            yield item
+
+    monkeypatch.setattr(io, "_nonblank_lines", counting)
+    got = pd.concat([io.read_piece(p) for p in pieces], ignore_index=True)
+    assert got["id"].tolist() == list(range(25)) and got["text"].iloc[3] == "doc 3 é"
+    assert len(yielded) == 25  # every line read once in all, not once per earlier piece
