@@ -221,3 +221,14 @@ def test_route_partition_threshold_and_invalid_quality(frame):
     assert host(low)["id"].tolist() == [2, 5]
     kept, invalid = route_partition(df, None)
     assert kept is df and invalid == 0
+
+
+def test_join_sums_skip_missing_counts():
+    import pandas as pd
+
+    from nemocc_dask.stages.segments import join_segments
+
+    df = pd.DataFrame({"id": [1, 1], "segment_id": [0, 1], "text": ["a", "b"],
+                       "tokens": pd.Series([3, None], dtype="Int64")})
+    out = join_segments(df, "text", sum_fields=("tokens",), count_field="n")
+    assert out.loc[0, "tokens"] == 3 and out.loc[0, "n"] == 2 and out.loc[0, "text"] == "a\nb"

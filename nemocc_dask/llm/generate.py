@@ -119,7 +119,6 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, window: int, toke
     records: dict[str, dict] = {}
     row_keys: list[str | None] = []
     pending: dict[str, Request] = {}
-    retrying: set[str] = set()  # keys whose journaled answer was a failure (retry_failed)
     journal = Journal(journal_path) if journal_path else None
     known = journal.load() if journal else {}
     for text, n_tokens in zip(texts, lengths):
@@ -141,10 +140,8 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, window: int, toke
             stats["duplicate_prompts"] += 1
         else:
             pending[key] = Request(key, messages, settings)
-            if old is not None:
-                retrying.add(key)
     if pending:
-        _send(pending, get_pool(llm, window), journal, records, stats, retrying)
+        _send(pending, get_pool(llm, window), journal, records, stats, known)
     stats["failed_requests"] = sum(1 for r in records.values() if r.get("error"))
     stats["retries"] = stats["attempts"] - stats["requests"]
     out = _with_results(df, preset, llm, row_keys, records, stats)
@@ -152,9 +149,10 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, window: int, toke
 
 
 def _send(pending: dict[str, Request], pool, journal: Journal | None, records: dict,
-          stats: dict, retrying: set[str]) -> None:
+          stats: dict, known: dict[str, dict]) -> None:
     """Stream ``pending`` through ``pool``, journaling each answer as it arrives (aborted requests
-    are not journaled: they were never answered). Raises EndpointsBroken after journaling when
+    are not journaled: they were never answered). A pending key already in the journal
+    (``known``) is a failure being retried; its success counts as ``recovered``. Raises EndpointsBroken after journaling when
     the failure budget stopped the pool."""
     sink = journal.open() if journal else None
     try:
@@ -167,7 +165,7 @@ def _send(pending: dict[str, Request], pool, journal: Journal | None, records: d
                 stats["requests"] += 1
                 stats["attempts"] += record["attempts"]
                 stats["retries_by_class"].update(record["retried"])
-                stats["recovered"] += result.key in retrying and not record["error"]
+                stats["recovered"] += result.key in known and not record["error"]
                 _count_endpoint(stats, record)
                 if sink is not None:
                     sink.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -109,11 +109,11 @@ def join_segments(df, text_field: str = "text", document_id_field: str = "id",
             joined.append(separator.join(texts[p] for p in group))
             counts.append(len(group))
             for name, values in extra_texts.items():
-                joined_extra[name].append(separator.join(str(values[p]) for p in group
+                joined_extra[name].append(separator.join(values[p] for p in group
                                                          if isinstance(values[p], str)))
             for name, values in extra_sums.items():
                 joined_extra[name].append(sum(int(values[p]) for p in group
-                                              if values[p] is not None and values[p] == values[p]))
+                                              if pd.notna(values[p])))
             continue
         chunk_id, start, acc_len = 0, group[0], int(lengths[group[0]])
         parts = [texts[start]]
