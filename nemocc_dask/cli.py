@@ -2,7 +2,8 @@
 
 Exit status: 0 when a run finished (even with failed rows, which the summary shows); 2 when it could
 not start (bad input, settings, prompt file, output folder, endpoint, cluster, GPU), with the fix in
-the message and the output folder unchanged; 1 when it started and then stopped (a broken
+the message and the output folder unchanged; 75 when SIGTERM stopped it cleanly (answers in flight
+journaled; requeue or rerun to resume); 1 when it started and then stopped (a broken
 endpoint or client, an error in a post-processing step, counts that do not add up), with one line
 and a hint (the traceback with ``-v``): rerunning the same command resumes.
 """
@@ -22,8 +23,8 @@ from pathlib import Path
 import dask.config
 
 from nemocc_dask import io
-from nemocc_dask.cluster import make_client
-from nemocc_dask.errors import ConfigError, StartError
+from nemocc_dask.cluster import make_client, parse_adapt
+from nemocc_dask.errors import ConfigError, Preempted, StartError
 from nemocc_dask.gpu import require_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS, PRESETS
@@ -39,7 +40,10 @@ def _add_endpoint_options(p: argparse.ArgumentParser, required: bool = True) -> 
     g.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default OPENAI_API_KEY)")
     g.add_argument("--max-in-flight", type=int, default=64,
-                   help="requests in flight per endpoint across all workers (default 64)")
+                   help="requests in flight per endpoint across all workers together, shared "
+                        "by the workers that have work (default 64)")
+    g.add_argument("--max-in-flight-per-worker", type=int,
+                   help="instead, a fixed number per endpoint on every worker")
     g.add_argument("--max-retries", type=int, default=5)
     g.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
     g.add_argument("--temperature", type=float)
@@ -76,6 +80,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--workers", type=int, help="local worker processes (default 2)")
     c.add_argument("--threads-per-worker", type=int, help="partitions in flight per worker")
     c.add_argument("--slurm-jobs", type=int, help="SLURM worker jobs")
+    c.add_argument("--adapt", metavar="MIN:MAX",
+                   help="SLURM worker jobs scaled with the work between MIN and MAX")
     c.add_argument("--slurm-queue")
     c.add_argument("--slurm-account")
     c.add_argument("--slurm-walltime")
@@ -84,7 +90,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _llm_from_args(args) -> LLMConfig:
     with start_checks():
         return LLMConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-                         max_in_flight=args.max_in_flight, max_retries=args.max_retries,
+                         max_in_flight=args.max_in_flight,
+                         max_in_flight_per_worker=args.max_in_flight_per_worker,
+                         max_retries=args.max_retries,
                          timeout=args.timeout, temperature=args.temperature, top_p=args.top_p,
                          top_k=args.top_k, max_tokens=args.max_tokens, stop=args.stop,
                          max_failed_fraction=args.max_failed_fraction)
@@ -97,10 +105,15 @@ def _client(args):
         require_gpu()
         if not (cluster or args.scheduler or args.scheduler_file):
             cluster = "local-cuda"
+    if args.adapt:
+        parse_adapt(args.adapt)
+        if (cluster or dask.config.get("nemocc.cluster")) != "slurm" or args.scheduler \
+                or args.scheduler_file:
+            raise ConfigError("--adapt scales SLURM worker jobs: use it with --cluster slurm")
     client = make_client(cluster, args.scheduler, args.scheduler_file, args.workers,
                          args.threads_per_worker,
                          worker_log_level=logging.WARNING if args.verbose else logging.CRITICAL,
-                         jobs=args.slurm_jobs, queue=args.slurm_queue,
+                         jobs=args.slurm_jobs, adapt=args.adapt, queue=args.slurm_queue,
                          account=args.slurm_account, walltime=args.slurm_walltime)
     try:
         yield client
@@ -228,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--gpu", action="store_true", help="cuDF partitions on a LocalCUDACluster")
     demo.set_defaults(fn=cmd_demo, cluster=None, scheduler=None, scheduler_file=None,
-                      slurm_jobs=None, slurm_queue=None, slurm_account=None, slurm_walltime=None)
+                      slurm_jobs=None, adapt=None, slurm_queue=None, slurm_account=None, slurm_walltime=None)
 
     mock = sub.add_parser("serve-mock", help="serve the mock OpenAI-compatible LLM")
     mock.add_argument("--port", type=int, default=8000)
@@ -263,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     except StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return Preempted.exit_status
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

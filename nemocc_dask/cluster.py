@@ -57,8 +57,38 @@ def slurm_cluster(**overrides):
         if cfg.get(key) is not None:
             kwargs[key.replace("-", "_")] = cfg[key]
     cluster = SLURMCluster(**{k: v for k, v in kwargs.items() if v is not None})
-    cluster.scale(jobs=int(cfg["jobs"]))
+    if cfg.get("adapt"):
+        minimum, maximum = parse_adapt(cfg["adapt"])
+        cluster.adapt(minimum_jobs=minimum, maximum_jobs=maximum)
+    else:
+        cluster.scale(jobs=int(cfg["jobs"]))
     return cluster
+
+
+def parse_adapt(spec: str) -> tuple[int, int]:
+    """``"MIN:MAX"`` worker jobs for an adaptive cluster; ClusterError when malformed."""
+    try:
+        minimum, maximum = (int(x) for x in str(spec).split(":"))
+    except ValueError:
+        raise ClusterError(f"--adapt takes MIN:MAX worker jobs, e.g. 1:8 (got {spec!r})") from None
+    if not 0 <= minimum <= maximum or maximum < 1:
+        raise ClusterError(f"--adapt MIN:MAX needs 0 <= MIN <= MAX and MAX >= 1 (got {spec!r})")
+    return minimum, maximum
+
+
+def wait_for_first_worker(client, timeout: float, where: str) -> None:
+    """Block until the cluster has a worker; after ``timeout`` seconds close the client (and its
+    cluster) and raise ClusterError saying where to look."""
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        cluster = client.cluster
+        client.close()
+        if cluster is not None:
+            cluster.close()
+        raise ClusterError(
+            f"no Dask worker joined within {timeout:.0f} s ({where}); raise the wait with "
+            "DASK_NEMOCC__WORKER_START_TIMEOUT=SECONDS") from None
 
 
 def make_client(cluster: str | None = None, scheduler: str | None = None,
@@ -68,16 +98,19 @@ def make_client(cluster: str | None = None, scheduler: str | None = None,
     """A ``distributed.Client`` for the chosen cluster (``local``, ``local-cuda``, ``slurm``) or
     for an existing scheduler. The caller closes it (``client.close(); client.cluster.close()``).
     ``worker_log_level``: what local workers log (the CLI raises it to CRITICAL without ``-v``,
-    since it reports failed partitions itself).
+    since it reports failed partitions itself). A SLURM cluster (unless adaptive from 0) or an
+    existing scheduler is returned once its first worker has joined (``worker-start-timeout``).
     """
     from distributed import Client, LocalCluster
 
     scheduler = _option("scheduler", scheduler)
     scheduler_file = _option("scheduler-file", scheduler_file)
-    if scheduler:
-        return Client(scheduler)
-    if scheduler_file:
-        return Client(scheduler_file=scheduler_file)
+    timeout = float(dask.config.get("nemocc.worker-start-timeout"))
+    if scheduler or scheduler_file:
+        client = Client(scheduler) if scheduler else Client(scheduler_file=scheduler_file)
+        wait_for_first_worker(client, timeout, "are the workers started and pointed at "
+                                               f"{scheduler or scheduler_file}?")
+        return client
     kind = _option("cluster", cluster)
     workers = _option("local.workers", workers)
     threads = _option("local.threads-per-worker", threads_per_worker)
@@ -91,6 +124,11 @@ def make_client(cluster: str | None = None, scheduler: str | None = None,
 
         return Client(LocalCUDACluster(threads_per_worker=threads, dashboard_address=None))
     if kind == "slurm":
-        return Client(slurm_cluster(**slurm_options))
+        client = Client(slurm_cluster(**slurm_options))
+        adapt = slurm_options.get("adapt") or dask.config.get("nemocc.slurm.adapt")
+        if not adapt or parse_adapt(adapt)[0] > 0:  # an adaptive cluster from 0 waits for work
+            wait_for_first_worker(client, timeout, "check `squeue --me` for pending worker jobs "
+                                                   "(queue, account, resources) and their logs")
+        return client
     raise ClusterError(f"unknown cluster {kind!r}; choose local, local-cuda or slurm, or give "
                        "--scheduler ADDRESS / --scheduler-file PATH")

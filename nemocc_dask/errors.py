@@ -4,6 +4,8 @@
 the output folder is touched; the message says what is wrong and how to fix it (exit status 2).
 ``RunError``: the run started and then stopped (a broken endpoint, counts that do not add up);
 what was answered is kept and rerunning the same command resumes (exit status 1).
+``Preempted``: the run was asked to stop (SIGTERM: a SLURM time limit, preemption, ``scancel``) and
+stopped cleanly: answers in flight were journaled; requeue or rerun to resume (exit status 75).
 """
 
 from __future__ import annotations
@@ -19,3 +21,9 @@ class ConfigError(StartError, ValueError):
 
 class RunError(RuntimeError):
     """The run started but could not finish; the message says why and what a rerun does."""
+
+
+class Preempted(RunError):
+    """The run stopped on SIGTERM after journaling what was in flight; a rerun resumes."""
+
+    exit_status = 75  # EX_TEMPFAIL; SLURM requeues it with RequeueExit=75

@@ -10,7 +10,9 @@ Output folder layout (one per task)::
     parts/part-00000.parquet   kept rows of input partition 0
     rejects/part-00000.parquet removed rows with ``reject_reason``
     stats/part-00000.json      the partition's counts (summed into report.json)
-    journal/part-00000.jsonl   answers received so far (reused after a crash)
+    journal/part-00000.jsonl   answers received so far (reused after a crash); removed once the
+                               part is written, unless some requests failed (--retry-failed
+                               resends those and reuses the rest)
     report.json                the run report
 """
 
@@ -40,7 +42,6 @@ class PartitionPlan:
 
     preset: TaskPreset
     llm: LLMConfig
-    window: int
     out_dir: str
     tokenizer: str | None = None
     id_field: str = "id"
@@ -59,6 +60,10 @@ def part_path(out_dir: str | Path, index: int) -> Path:
 
 def stats_path(out_dir: str | Path, index: int) -> Path:
     return Path(out_dir) / "stats" / f"{part_name(index)}.json"
+
+
+def journal_path(out_dir: str | Path, index: int) -> Path:
+    return Path(out_dir) / "journal" / f"{part_name(index)}.jsonl"
 
 
 def finished_stats(out_dir: str | Path, index: int) -> dict | None:
@@ -111,8 +116,8 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
                                              return_dropped=True, timings=seconds)
     with timed(seconds, "generate"):
         generated, gen_stats = generate_partition(
-            segments, plan.preset, plan.llm, plan.window, plan.tokenizer,
-            journal_path=str(out / "journal" / f"{part_name(index)}.jsonl"),
+            segments, plan.preset, plan.llm, plan.tokenizer,
+            journal_path=str(journal_path(out, index)),
             retry_failed=plan.retry_failed, return_stats=True)
     with timed(seconds, "postprocess"):
         kept, rejects = postprocess_partition(generated, plan.preset, plan.tokenizer,
@@ -144,4 +149,6 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
     atomic_write_parquet(rejects, out / "rejects" / f"{part_name(index)}.parquet")
     atomic_write_bytes(stats_path(out, index), json.dumps(stats, indent=1).encode())
     atomic_write_parquet(kept, part_path(out, index))
+    if not stats["failed_requests"]:  # nothing to resend: the part holds what the journal held
+        journal_path(out, index).unlink(missing_ok=True)
     return stats

@@ -5,7 +5,6 @@ DataFrames from the partition functions; nothing is computed on the driver.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.generate import generate_partition
@@ -34,18 +33,6 @@ def resolve_task(task: str | TaskPreset, text_field: str | None = None,
     return preset
 
 
-def worker_window(llm: LLMConfig, n_workers: int | None = None) -> int:
-    """Each worker's share of ``llm.max_in_flight`` (per endpoint): ceil(total / workers)."""
-    if n_workers is None:
-        try:
-            from distributed import get_client
-
-            n_workers = len(get_client().scheduler_info(n_workers=-1)["workers"])
-        except (ImportError, ValueError):
-            n_workers = 1
-    return max(1, math.ceil(llm.max_in_flight / max(1, n_workers)))
-
-
 def preprocess(ddf, task: str | TaskPreset, tokenizer=None, text_field: str | None = None,
                id_field: str = "id", **overrides):
     """Segments ready for prompting: every input column plus ``document_token_count``,
@@ -59,20 +46,18 @@ def preprocess(ddf, task: str | TaskPreset, tokenizer=None, text_field: str | No
 
 
 def generate(ddf, task: str | TaskPreset, llm: LLMConfig, tokenizer=None,
-             text_field: str | None = None, window: int | None = None, check_endpoint: bool = True,
-             **overrides):
+             text_field: str | None = None, check_endpoint: bool = True, **overrides):
     """Add the task's output field, ``llm_finish_reason``, ``llm_prompt_tokens``,
     ``llm_completion_tokens``, ``llm_error``, ``llm_model`` and ``task`` to every row (lazy).
 
-    The endpoint is checked at once (``GET /models``) unless ``check_endpoint=False``; ``window``
-    is the per-worker in-flight share (default: ``max_in_flight`` / number of workers).
+    The endpoint is checked at once (``GET /models``) unless ``check_endpoint=False``. On a
+    distributed cluster the workers share ``llm.max_in_flight`` through the scheduler.
     """
     preset = resolve_task(task, text_field, **overrides)
     require_columns(ddf.columns, {"text": preset.input_field})
     if check_endpoint:
         preflight(llm)
-    kwargs = dict(preset=preset, llm=llm, window=window or worker_window(llm),
-                  tokenizer=tokenizer)
+    kwargs = dict(preset=preset, llm=llm, tokenizer=tokenizer)
     meta = generate_partition(ddf._meta, **kwargs)
     return ddf.map_partitions(generate_partition, **kwargs, meta=meta)
 

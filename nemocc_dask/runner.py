@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -18,14 +19,15 @@ from pathlib import Path
 import dask
 
 from nemocc_dask import io
-from nemocc_dask.errors import ConfigError, RunError, StartError
+from nemocc_dask.errors import ConfigError, Preempted, RunError, StartError
 from nemocc_dask.gpu import to_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.preflight import preflight
 from nemocc_dask.output_folder import (MANIFEST, OutputError, OutputLock, check_output,
                                        prepare_output)
-from nemocc_dask.partition_job import PartitionPlan, finished_stats, process_partition
-from nemocc_dask.pipeline import require_columns, resolve_task, worker_window
+from nemocc_dask.partition_job import (PartitionPlan, finished_stats, journal_path,
+                                       process_partition)
+from nemocc_dask.pipeline import require_columns, resolve_task
 from nemocc_dask.presets import TaskPreset
 from nemocc_dask.report import aggregate
 from nemocc_dask.stages.route import Route
@@ -67,15 +69,17 @@ def fingerprint(job: Job, inputs, tokenizer, seed: int, id_field: str) -> dict:
 
 
 class Progress:
-    """A live status line: partitions done, answers received (journal lines), req/s, tokens/s,
-    errors. Reads the journals, so it works whatever the cluster."""
+    """A live status line: partitions done, answers received, req/s, tokens/s, errors.
+
+    Answers of running partitions are read from their journals (so it works whatever the
+    cluster); a finished partition counts what its stats say (its journal may be gone)."""
 
     def __init__(self, out_dirs: list[Path], total_parts: int, enabled: bool = True):
         self.out_dirs, self.total = out_dirs, total_parts
         self.done = 0
         self.enabled = enabled
-        self._offsets: dict[Path, int] = {}
-        self._answers = self._errors = self._tokens = 0
+        self._live: dict[Path, list[int]] = {}  # journal -> [offset, answers, errors, tokens]
+        self._finished: dict[Path, tuple[int, int, int]] = {}
         self._stop = threading.Event()
         self._started = time.time()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -83,25 +87,48 @@ class Progress:
     def _scan(self) -> None:
         for out in self.out_dirs:
             for path in sorted((out / "journal").glob("*.jsonl")):
-                with open(path, "rb") as fh:
-                    fh.seek(self._offsets.get(path, 0))
-                    data = fh.read()
-                end = data.rfind(b"\n") + 1
-                self._offsets[path] = self._offsets.get(path, 0) + end
-                for line in data[:end].splitlines():
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        continue
-                    self._answers += 1
-                    self._errors += bool(record.get("error"))
-                    self._tokens += record.get("completion_tokens") or 0
+                if path not in self._finished:
+                    self._read_journal(path)
+
+    def _read_journal(self, path: Path) -> None:
+        counts = self._live.setdefault(path, [0, 0, 0, 0])
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(counts[0])
+                data = fh.read()
+        except FileNotFoundError:  # finished meanwhile
+            return
+        end = data.rfind(b"\n") + 1
+        counts[0] += end
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            counts[1] += 1
+            counts[2] += bool(record.get("error"))
+            counts[3] += record.get("completion_tokens") or 0
+
+    def finished(self, out_dir: Path, stats: dict) -> None:
+        """Count partition ``stats["partition"]`` of ``out_dir`` as done with its own numbers."""
+        self.done += 1
+        path = journal_path(out_dir, stats["partition"])
+        self._finished[path] = (stats["requests"], stats["failed_requests"],
+                                stats["completion_tokens"])
+        self._live.pop(path, None)
 
     def line(self) -> str:
         elapsed = max(1e-9, time.time() - self._started)
-        return (f"partitions {self.done}/{self.total} | answers {self._answers} | "
-                f"{self._answers / elapsed:.1f} req/s | {self._tokens / elapsed:.0f} tok/s | "
-                f"errors {self._errors} | {elapsed:.0f} s")
+        live = list(self._live.items())
+        answers = sum(c[1] for p, c in live if p not in self._finished) + sum(
+            f[0] for f in self._finished.values())
+        errors = sum(c[2] for p, c in live if p not in self._finished) + sum(
+            f[1] for f in self._finished.values())
+        tokens = sum(c[3] for p, c in live if p not in self._finished) + sum(
+            f[2] for f in self._finished.values())
+        return (f"partitions {self.done}/{self.total} | answers {answers} | "
+                f"{answers / elapsed:.1f} req/s | {tokens / elapsed:.0f} tok/s | "
+                f"errors {errors} | {elapsed:.0f} s")
 
     def _loop(self) -> None:
         tty = sys.stderr.isatty()
@@ -150,22 +177,76 @@ def _register_pool_plugin() -> None:
         pass
 
 
-def _compute(tasks: list, progress: Progress) -> None:
-    """Run the partition tasks on the distributed client if there is one, else locally. On the
-    first failed partition the others are cancelled and its exception is raised."""
+class StopRequested(BaseException):
+    """Raised in the driver's main thread by SIGTERM while partitions run."""
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_run():
+    """While partitions run, SIGTERM raises StopRequested in the main thread (elsewhere, or
+    off the main thread, signals keep their handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise StopRequested()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _drain(client, futures, progress: Progress, where: dict) -> None:
+    """Stop every worker's pools from sending more, let what is on the wire be answered and
+    journaled (at most ``nemocc.drain-seconds``), then cancel what is left."""
+    from distributed import wait
+
+    from nemocc_dask.llm.pool import drain_pools
+
+    grace = float(dask.config.get("nemocc.drain-seconds"))
+    logger.warning("SIGTERM: stopping; waiting up to %.0f s for requests in flight", grace)
+    try:
+        client.run(drain_pools, "the run is stopping (SIGTERM)")
+    except Exception as exc:
+        logger.warning("could not drain the workers' pools: %s: %s", type(exc).__name__, exc)
+    with contextlib.suppress(Exception):
+        wait(futures, timeout=grace)
+    for future in futures:
+        if future.status == "finished":
+            progress.finished(where[future.key], future.result())
+    client.cancel(futures)
+
+
+def _compute(tasks: list, out_dirs: list[Path], progress: Progress) -> None:
+    """Run the partition tasks (task i writes into ``out_dirs[i]``) on the distributed client if
+    there is one, else locally. On the first failed partition the others are cancelled and its
+    exception is raised. SIGTERM drains the run (see ``_drain``) and raises Preempted."""
     try:
         from distributed import as_completed, get_client
 
         client = get_client()
     except (ImportError, ValueError):
-        dask.compute(*tasks)
-        progress.done += len(tasks)
+        for out_dir, stats in zip(out_dirs, dask.compute(*tasks)):
+            progress.finished(out_dir, stats)
         return
+    with contextlib.suppress(Exception):
+        from nemocc_dask.llm.pool import drain_pools
+
+        client.run(drain_pools, None)  # workers kept from a stopped run send again
     futures = client.compute(tasks)
+    where = {future.key: out_dir for future, out_dir in zip(futures, out_dirs)}
     try:
-        for future in as_completed(futures):
-            future.result()
-            progress.done += 1
+        with sigterm_stops_the_run():
+            for future in as_completed(futures):
+                progress.finished(where[future.key], future.result())
+    except StopRequested:
+        _drain(client, futures, progress, where)
+        raise Preempted(f"{progress.done} of {progress.total} partitions finished; the answers "
+                        "in flight were journaled. Rerun the same command (or requeue the job) "
+                        "to resume") from None
     except BaseException:
         client.cancel(futures)
         raise
@@ -177,8 +258,9 @@ def _needs_retry(stats: dict) -> bool:
 
 
 def _schedule(jobs: list[Job], parts: list, plans: dict, retry_failed: bool):
-    """(delayed partition tasks, partitions to run per task, partitions redone per task)."""
-    tasks, pending, redone = [], Counter(), Counter()
+    """(delayed partition tasks, the output folder of each, partitions to run per task,
+    partitions redone per task)."""
+    tasks, out_dirs, pending, redone = [], [], Counter(), Counter()
     for job in jobs:
         for index, part in enumerate(parts):
             done = finished_stats(job.out_dir, index)
@@ -188,9 +270,10 @@ def _schedule(jobs: list[Job], parts: list, plans: dict, retry_failed: bool):
             key = f"nemocc-{job.preset.name}-{index}-{io.digest(str(job.out_dir))[:8]}"
             tasks.append(dask.delayed(process_partition)(part, index, plans[job.preset.name],
                                                          redo, dask_key_name=key))
+            out_dirs.append(job.out_dir)
             pending[job.preset.name] += 1
             redone[job.preset.name] += redo
-    return tasks, pending, redone
+    return tasks, out_dirs, pending, redone
 
 
 def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str = "id",
@@ -229,16 +312,15 @@ def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str 
             prepare_output(job.out_dir, materials[job.preset.name], modes[job.preset.name])
         _register_pool_plugin()
         parts = ddf.to_delayed()
-        plans = {job.preset.name: PartitionPlan(job.preset, job.llm, worker_window(job.llm),
-                                                str(job.out_dir), tokenizer, id_field, seed,
-                                                retry_failed, job.route)
+        plans = {job.preset.name: PartitionPlan(job.preset, job.llm, str(job.out_dir), tokenizer,
+                                                id_field, seed, retry_failed, job.route)
                  for job in jobs}
-        tasks, pending, redone = _schedule(jobs, parts, plans, retry_failed)
+        tasks, out_dirs, pending, redone = _schedule(jobs, parts, plans, retry_failed)
         if any(redone.values()):
             logger.info("retrying failed requests in %d finished partition(s)",
                         sum(redone.values()))
         with Progress([j.out_dir for j in jobs], len(tasks), show_progress) as progress:
-            _compute(tasks, progress)
+            _compute(tasks, out_dirs, progress)
         return {job.preset.name: _write_report(job, n_parts, pending[job.preset.name],
                                                input_rows, time.time() - started)
                 for job in jobs}

@@ -86,3 +86,32 @@ def test_pipeline_on_slurm_workers(tmp_path):
             break
         time.sleep(1)
     assert not queued, f"SLURM jobs still queued: {queued}"
+
+
+def test_adapt_spec_is_checked():
+    from nemocc_dask.cluster import parse_adapt
+
+    assert parse_adapt("1:8") == (1, 8)
+    for bad in ("8", "a:b", "5:2", "0:0"):
+        with pytest.raises(ClusterError, match="MIN:MAX"):
+            parse_adapt(bad)
+
+
+def test_adapt_without_slurm_is_refused(tmp_path, capsys):
+    from nemocc_dask.cli import main
+
+    code = main(["run", "--task", "distill", "--input", str(tmp_path), "--output",
+                 str(tmp_path / "out"), "--base-url", "http://127.0.0.1:1/v1", "--model", "m",
+                 "--adapt", "1:4"])
+    assert code == 2 and "--cluster slurm" in capsys.readouterr().err
+
+
+def test_a_scheduler_without_workers_is_a_clear_error():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, dashboard_address=None) as cluster:
+        with dask.config.set({"nemocc.worker-start-timeout": 1}):
+            started = time.monotonic()
+            with pytest.raises(ClusterError, match="no Dask worker joined within 1 s"):
+                make_client(scheduler=cluster.scheduler_address)
+    assert time.monotonic() - started < 30

@@ -73,7 +73,7 @@ def test_answer_without_content_is_an_empty_response_error():
     docs = make_docs(3)
     docs.loc[1, "text"] += " EMPTY"
     out, stats = generate_partition(docs, PRESETS["distill"], LLMConfig(client_factory=SyncEchoClient),
-                                    window=4, return_stats=True)
+                                    return_stats=True)
     assert out["llm_error"].isna().tolist() == [True, False, True]
     assert out.loc[1, "llm_error"].startswith("empty_response") and pd.isna(out.loc[1, "distill"])
     assert stats["failed_by_class"] == {"empty_response": 1}

@@ -7,7 +7,6 @@ import dask.dataframe as dd
 from nemocc_dask import LLMConfig, PreflightError, generate, preprocess, run_task
 from nemocc_dask.llm.mock import MockLLMServer
 from nemocc_dask.presets import PRESETS
-from nemocc_dask.pipeline import worker_window
 
 from conftest import make_docs
 
@@ -114,11 +113,6 @@ def test_preflight_errors_name_the_fix():
         url = server.base_url
     with pytest.raises(PreflightError, match="cannot reach endpoint"):
         generate(_ddf(4, 1), "distill", LLMConfig(base_url=url, model="mock"))
-
-
-def test_worker_window_is_a_share_of_the_total():
-    llm = LLMConfig(base_url="http://127.0.0.1:1/v1", model="m", max_in_flight=100)
-    assert worker_window(llm, 3) == 34 and worker_window(llm, 1) == 100
 
 
 def test_missing_columns_are_named():

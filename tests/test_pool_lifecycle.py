@@ -57,9 +57,9 @@ def test_exception_in_consumer_body_cancels_too():
 
 def test_closed_pool_never_hangs_and_leaves_the_registry():
     with MockLLMServer(latency=0.5) as server:
-        llm = LLMConfig(base_url=server.base_url, model="mock")
-        pool = get_pool(llm, 2)
-        assert get_pool(llm, 2) is pool
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_in_flight=2)
+        pool = get_pool(llm)
+        assert get_pool(llm) is pool
         errors = []
 
         def consume():
@@ -76,7 +76,7 @@ def test_closed_pool_never_hangs_and_leaves_the_registry():
         assert not consumer.is_alive() and errors
         with pytest.raises(PoolClosed):
             list(pool.stream(_requests(1)))
-        fresh = get_pool(llm, 2)
+        fresh = get_pool(llm)
         assert fresh is not pool
         assert [r.error for r in fresh.stream(_requests(1, tag="x"))] == [None]
         fresh.close()

@@ -79,14 +79,12 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, docs_parquet):
         proc = subprocess.Popen(cli(*base, "--output", str(out)), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 120
-        while time.time() < deadline:
-            journals = list((out / "journal").glob("*.jsonl")) if (out / "journal").exists() else []
-            if sum(len(j.read_text().splitlines()) for j in journals) >= 20:
-                break
+        while time.time() < deadline and answers_so_far(out) < 20:
             time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        answered = sum(len(j.read_text().splitlines()) for j in (out / "journal").glob("*.jsonl"))
+        answered = answers_so_far(out)
+        assert len(list((out / "parts").glob("*.parquet"))) < 6  # the kill landed mid-run
         total_rows = 60
         before = server.stats.requests
         subprocess.run(cli(*base, "--output", str(out)), check=True, capture_output=True,
@@ -100,6 +98,15 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, docs_parquet):
     assert not got.duplicated(key).any()
     pd.testing.assert_frame_equal(got, expected)
     assert_report_adds_up(json.loads((out / "report.json").read_text()))
+
+
+def answers_so_far(out: Path) -> int:
+    """Answers a run has kept: journal lines of unfinished partitions plus the requests of
+    finished ones (whose journals are removed)."""
+    journals = sum(len(j.read_bytes().splitlines()) for j in out.glob("journal/*.jsonl"))
+    finished = sum(json.loads(s.read_text())["requests"] for s in out.glob("stats/*.json")
+                   if (out / "parts" / f"{s.stem}.parquet").exists())
+    return journals + finished
 
 
 def test_lost_worker_loses_nothing(tmp_path, docs_parquet):
@@ -117,11 +124,7 @@ def test_lost_worker_loses_nothing(tmp_path, docs_parquet):
 
         def kill_one_worker():
             deadline = time.time() + 60
-            journal = out / "journal"
-            while time.time() < deadline:  # wait until partitions are being answered
-                if journal.exists() and sum(len(j.read_text().splitlines())
-                                            for j in journal.glob("*.jsonl")) >= 5:
-                    break
+            while time.time() < deadline and answers_so_far(out) < 5:  # partitions under way
                 time.sleep(0.05)
             pid = list(client.run(os.getpid).values())[0]
             at_kill["finished"] = len(list((out / "parts").glob("*.parquet"))) \
@@ -256,10 +259,15 @@ def test_failed_rows_stay_failed_on_resume_unless_retry_failed(tmp_path, docs_pa
 
 
 def shutil_parts(out: Path):
-    """Forget finished partitions (keeps journals), as if the run had been killed before writing."""
-    import shutil
-
-    shutil.rmtree(out / "parts")
+    """Forget the finished partitions that had failed requests (their journals are kept), as if
+    the run had been killed before writing them."""
+    removed = 0
+    for stats in (out / "stats").glob("*.json"):
+        if json.loads(stats.read_text())["failed_requests"]:
+            assert (out / "journal" / f"{stats.stem}.jsonl").exists()
+            (out / "parts" / f"{stats.stem}.parquet").unlink()
+            removed += 1
+    assert removed
 
 
 def test_api_key_never_written(tmp_path, docs_parquet):

@@ -129,6 +129,12 @@ def test_property_greedy_join_respects_max_length(lengths, max_length):
     ("file_name.py", "file_name.py"),
     ("# Heading\n- item", "# Heading\n- item"),  # headings and bullets untouched, as reference
     ("**a\nb**", "**a\nb**"),  # markers never span lines
+    # decision 6's exception: a closing marker after punctuation glued to the next word
+    ("**Question:**What is X? **Answer:**Y.", "Question:What is X? Answer:Y."),
+    ("*Question:*What? _Answer:_Yes.", "Question:What? Answer:Yes."),
+    ("a * b * c", "a * b * c"),
+    ("void *mmap(void *addr)", "void *mmap(void *addr)"),
+    ("10**n and 2**k", "10**n and 2**k"),
 ])
 def test_remove_markdown(frame, text, expected):
     df = frame({"t": [text]})
@@ -232,3 +238,20 @@ def test_join_sums_skip_missing_counts():
                        "tokens": pd.Series([3, None], dtype="Int64")})
     out = join_segments(df, "text", sum_fields=("tokens",), count_field="n")
     assert out.loc[0, "tokens"] == 3 and out.loc[0, "n"] == 2 and out.loc[0, "text"] == "a\nb"
+
+
+def test_diverse_qa_keeps_answers_with_bold_labels_glued_to_the_text(tokenizer):
+    """Decision 6: `**Question:**What ...` (label bold, no space after it) is a valid pair."""
+    from nemocc_dask.presets import PRESETS, QA_PREFIX
+    from nemocc_dask.stages.postprocess import postprocess_partition
+
+    answer = (f"{QA_PREFIX}\n**Question:**What does the delta support? "
+              "**Answer:**Many species of birds.\n**Question:**What do wetlands do? "
+              "**Answer:**They filter water.")
+    df = pd.DataFrame({"id": [1], "segment_id": [0], "text": ["The river delta supports birds. " * 30],
+                       "diverse_qa": [answer], "llm_error": [None], "llm_finish_reason": ["stop"]})
+    kept, rejects = postprocess_partition(df, PRESETS["diverse_qa"], return_rejects=True)
+    assert len(rejects) == 0 and len(kept) == 1
+    out = kept["diverse_qa"].iloc[0]
+    assert "Question:What does the delta support?" in out or "Question:What do wetlands" in out
+    assert "**" not in out

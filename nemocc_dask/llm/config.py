@@ -27,7 +27,11 @@ class LLMConfig:
         Explicit key; else read from the environment variable ``api_key_env`` (when set there).
         Never shown in ``repr``, logs, reports, journals or files.
     max_in_flight:
-        Requests in flight per endpoint across the whole cluster; each worker takes its share.
+        Requests in flight per endpoint across the whole cluster: the scheduler divides it among
+        the workers that have work, re-dividing as workers join, leave, idle or get busy (see
+        ``nemocc_dask.llm.budget``).
+    max_in_flight_per_worker:
+        Instead, a fixed number per endpoint on each worker (the total is then workers x this).
     timeout, max_retries, backoff_base, backoff_max:
         Per-request timeout (s); retries after the first attempt for 429/408/5xx/timeouts/connection
         errors, with exponential backoff ``backoff_base * 2**k`` (jittered, capped at
@@ -50,6 +54,7 @@ class LLMConfig:
     api_key: str | None = field(default=None, repr=False, compare=False)
     api_key_env: str = "OPENAI_API_KEY"
     max_in_flight: int = 64
+    max_in_flight_per_worker: int | None = None
     timeout: float = 120.0
     max_retries: int = 5
     backoff_base: float = 0.5
@@ -84,6 +89,9 @@ class LLMConfig:
                              "`curl BASE_URL/models` lists them)")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1 (got {self.max_in_flight})")
+        if self.max_in_flight_per_worker is not None and self.max_in_flight_per_worker < 1:
+            raise ValueError("max_in_flight_per_worker must be >= 1 "
+                             f"(got {self.max_in_flight_per_worker})")
         if not 0 < self.max_failed_fraction <= 1:
             raise ValueError(f"max_failed_fraction must be in (0, 1] (got {self.max_failed_fraction})")
         if self.failure_min_requests < 1:
@@ -119,9 +127,10 @@ class LLMConfig:
         return {"model": self.model, "client": self.endpoints[0] if self.client_factory else "http",
                 "return_all_choices": self.return_all_choices}
 
-    def pool_key(self, window: int) -> str:
+    def pool_key(self) -> str:
         """Identity of the per-worker pool these settings need (the key is never part of it)."""
-        material = {"endpoints": list(self.endpoints), "window": window, "timeout": self.timeout,
+        material = {"endpoints": list(self.endpoints), "max_in_flight": self.max_in_flight,
+                    "per_worker": self.max_in_flight_per_worker, "timeout": self.timeout,
                     "retries": self.max_retries, "backoff": [self.backoff_base, self.backoff_max],
                     "cooldown": self.endpoint_cooldown,
                     "budget": [self.max_failed_fraction, self.failure_min_requests],

@@ -100,7 +100,7 @@ def _count_endpoint(stats: dict, record: dict) -> None:
         ep["latency_sum"] += record["latency"]
 
 
-def generate_partition(df, preset: TaskPreset, llm: LLMConfig, window: int, tokenizer=None,
+def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
                        journal_path: str | None = None, retry_failed: bool = False,
                        return_stats: bool = False):
     """Add the task's output field and the ``llm_*`` columns to one partition of segments.
@@ -141,7 +141,7 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, window: int, toke
         else:
             pending[key] = Request(key, messages, settings)
     if pending:
-        _send(pending, get_pool(llm, window), journal, records, stats, known)
+        _send(pending, get_pool(llm), journal, records, stats, known)
     stats["failed_requests"] = sum(1 for r in records.values() if r.get("error"))
     stats["retries"] = stats["attempts"] - stats["requests"]
     out = _with_results(df, preset, llm, row_keys, records, stats)

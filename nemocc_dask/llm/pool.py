@@ -1,11 +1,16 @@
 """The per-worker client pool: one event loop thread, warm clients, one sliding window.
 
-Every Dask task on a worker process that needs completions calls ``get_pool(...).stream(requests)``
+Every Dask task on a worker process that needs completions calls ``get_pool(llm).stream(requests)``
 and iterates over results as they finish. All partitions running on the worker share one window per
 endpoint: a slot is handed to the next waiting request the moment one frees up (no waves). Requests
-waiting out a backoff hold no slot. 429/503 halve an endpoint's window (at most once per mean
-latency); each success grows it back by one, up to its configured size. An endpoint whose
-connections keep failing is taken out for a cool-down; its requests go to the others.
+waiting out a backoff hold no slot. An endpoint's window is the smaller of its cap and its adaptive
+size: 429/503 halve the adaptive size (at most once per mean latency); each success grows it back by
+one. An endpoint whose connections keep failing is taken out for a cool-down; its requests go to
+the others.
+
+The cap: on a Dask worker, the pool's share of the cluster-wide ``max_in_flight``, learned from the
+scheduler's allocator (``budget``) about every quarter second; with ``max_in_flight_per_worker``, or
+outside a Dask worker, a fixed number.
 
 Failure budget: an endpoint whose finished requests fail more than ``max_failed_fraction`` of the
 time (after ``failure_min_requests`` of them) is clearly broken and gets no more requests; when
@@ -33,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from nemocc_dask.errors import RunError
+from nemocc_dask.errors import Preempted, RunError
 from nemocc_dask.llm.client import Completion, LLMRequestError, OpenAIHTTPClient, RetryableError
 from nemocc_dask.llm.config import LLMConfig
 
@@ -80,11 +85,12 @@ class Result:
 class Endpoint:
     """One endpoint's client, adaptive window and health."""
 
-    def __init__(self, name: str, client: Any, window: int):
+    def __init__(self, name: str, client: Any, window: int, cap: int):
         self.name = name
         self.client = client
         self.max_window = window
         self.window = float(window)
+        self.cap = cap
         self.in_flight = 0
         self.consecutive_connection_failures = 0
         self.cooldown_until = 0.0
@@ -97,7 +103,12 @@ class Endpoint:
 
     def has_slot(self, now: float) -> bool:
         return (not self.broken and now >= self.cooldown_until
-                and self.in_flight < int(self.window))
+                and self.in_flight < self.limit)
+
+    @property
+    def limit(self) -> int:
+        """The most requests this endpoint may have in flight now."""
+        return min(self.cap, int(self.window))
 
     def count_outcome(self, failure: str | None, max_failed_fraction: float,
                       min_requests: int) -> bool:
@@ -127,7 +138,7 @@ class Endpoint:
 
     def on_overload(self, now: float) -> None:
         if now - self.last_decrease >= self.mean_latency:
-            self.window = max(1.0, self.window / 2)
+            self.window = max(1.0, min(self.window, max(1, self.cap)) / 2)
             self.last_decrease = now
 
     def on_connection_failure(self, now: float, cooldown: float) -> bool:
@@ -153,17 +164,23 @@ class WorkerPool:
     def __init__(self, endpoints: list[tuple[str, Callable[[], Any]]], window: int,
                  max_retries: int, backoff_base: float, backoff_max: float, cooldown: float,
                  secret: str | None = None, max_failed_fraction: float = 0.5,
-                 failure_min_requests: int = 50):
+                 failure_min_requests: int = 50, budget=None):
+        """``window``: each endpoint's fixed cap, or with ``budget`` (a ``budget.BudgetLink``)
+        the ceiling of the caps the cluster's allocator grants."""
         clients = [(name, factory()) for name, factory in endpoints]  # may raise: nothing to undo
         self._max_retries = max_retries
         self._backoff = (backoff_base, backoff_max)
         self._cooldown = cooldown
         self._secret = secret
-        self._budget = (max_failed_fraction, failure_min_requests)
+        self._failure_budget = (max_failed_fraction, failure_min_requests)
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._wake_at: float | None = None
-        self.endpoints = [Endpoint(name, client, window) for name, client in clients]
+        self._budget = budget
+        self._budget_wake: asyncio.Event | None = None
+        self.endpoints = [Endpoint(name, client, window, 0 if budget else window)
+                          for name, client in clients]
         self.broken: str | None = None
+        self._stop_error: type[RunError] = EndpointsBroken
         self.closed = False
         self.registry_key: str | None = None
         self._executor = None
@@ -174,13 +191,51 @@ class WorkerPool:
         self._thread = threading.Thread(target=self.loop.run_forever, name="nemocc-llm-pool",
                                         daemon=True)
         self._thread.start()
+        if budget is not None:
+            self.loop.call_soon_threadsafe(self._start_budget)
+
+    # -- cluster-wide budget ------------------------------------------------------------------
+    def _start_budget(self) -> None:
+        self._budget_wake = asyncio.Event()
+        self.loop.create_task(self._budget_loop())
+
+    def _budget_reports(self, closing: bool = False) -> dict[str, dict]:
+        waiting = 0 if closing else sum(not w.done() for w in self._waiters)
+        return {e.name: {"cap": 0 if closing else e.cap, "in_flight": e.in_flight,
+                         "demand": 0 if closing else e.in_flight + waiting}
+                for e in self.endpoints}
+
+    async def _budget_loop(self) -> None:
+        """Report to the allocator and apply the caps it grants, until the pool closes."""
+        from nemocc_dask.llm.budget import IDLE_REPORT_SECONDS, REPORT_SECONDS
+
+        while not self.closed:
+            reports = self._budget_reports()
+            try:
+                grants = await self._budget.exchange(reports)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._stop_dispatching(
+                    "the cluster-wide in-flight budget is not reachable on the scheduler "
+                    f"({type(exc).__name__}: {exc}); install nemocc_dask where the scheduler "
+                    "runs, or give each worker a fixed share with --max-in-flight-per-worker")
+                return
+            for endpoint in self.endpoints:
+                endpoint.cap = int(grants.get(endpoint.name, 0))
+            self._dispatch()
+            busy = any(r["demand"] or r["cap"] for r in reports.values())
+            self._budget_wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._budget_wake.wait(),
+                                       REPORT_SECONDS if busy else IDLE_REPORT_SECONDS)
 
     # -- window -------------------------------------------------------------------------------
     def _pick(self, now: float) -> Endpoint | None:
         ready = [e for e in self.endpoints if e.has_slot(now)]
         if not ready:
             return None
-        return min(ready, key=lambda e: (e.in_flight / e.window, e.in_flight))
+        return min(ready, key=lambda e: (e.in_flight / e.limit, e.in_flight))
 
     def _dispatch(self) -> None:
         now = time.monotonic()
@@ -193,6 +248,9 @@ class WorkerPool:
                 continue
             endpoint.in_flight += 1
             waiter.set_result(endpoint)
+        if self._waiters and self._budget_wake is not None and not any(
+                e.cap for e in self.endpoints):
+            self._budget_wake.set()  # waiting with no share yet: ask for one now
         if self._waiters:
             wake = min((e.cooldown_until for e in self.endpoints if e.cooldown_until > now),
                        default=None)
@@ -203,7 +261,7 @@ class WorkerPool:
 
     async def _acquire(self) -> Endpoint:
         if self.broken:
-            raise EndpointsBroken(self.broken)
+            raise self._stop_error(self.broken)
         waiter = self.loop.create_future()
         self._waiters.append(waiter)
         self._dispatch()
@@ -220,18 +278,32 @@ class WorkerPool:
 
     # -- failure budget -----------------------------------------------------------------------
     def _count_outcome(self, endpoint: Endpoint, failure: str | None) -> None:
-        if not endpoint.count_outcome(failure, *self._budget):
+        if not endpoint.count_outcome(failure, *self._failure_budget):
             return
         if all(e.broken for e in self.endpoints):
-            self.broken = self._redact(
-                f"stopped sending: more than {self._budget[0]:.0%} of requests failed at every "
-                "endpoint (" + "; ".join(e.describe_failures() for e in self.endpoints) + "). "
-                "The answers received are kept: fix the cause, then rerun the same command with "
-                "--retry-failed (retry_failed=True) to resend only the failed requests")
-            for waiter in self._waiters:
-                if not waiter.done():
-                    waiter.set_exception(EndpointsBroken(self.broken))
-            self._waiters.clear()
+            self._stop_dispatching(
+                f"stopped sending: more than {self._failure_budget[0]:.0%} of requests failed at "
+                "every endpoint (" + "; ".join(e.describe_failures() for e in self.endpoints)
+                + "). The answers received are kept: fix the cause, then rerun the same command "
+                "with --retry-failed (retry_failed=True) to resend only the failed requests")
+
+    def _stop_dispatching(self, reason: str, error: type[RunError] = EndpointsBroken) -> None:
+        """Send nothing more: waiting requests (and retries) come back aborted, requests on the
+        wire finish, and ``stream`` raises ``error`` with ``reason``."""
+        if self.broken:
+            return
+        self._stop_error = error
+        self.broken = self._redact(reason)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(error(self.broken))
+        self._waiters.clear()
+
+    def drain(self, reason: str) -> None:
+        """Stop dispatching (from any thread): what is on the wire finishes and is returned,
+        the rest comes back aborted, and ``stream`` raises Preempted."""
+        if not self.closed and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop_dispatching, reason, Preempted)
 
     # -- one request --------------------------------------------------------------------------
     def _redact(self, message: str) -> str:
@@ -256,7 +328,7 @@ class WorkerPool:
         while True:
             try:
                 endpoint = await self._acquire()
-            except EndpointsBroken:
+            except (EndpointsBroken, Preempted):
                 result.aborted = True
                 return self._failed(result, "aborted", f"aborted: {self.broken}")
             result.attempts += 1
@@ -345,7 +417,15 @@ class WorkerPool:
             if received < len(requests) and self._thread.is_alive():
                 self.loop.call_soon_threadsafe(cancel)
         if self.broken:
-            raise EndpointsBroken(self.broken)
+            raise self._stop_error(self.broken)
+
+    def close_when_idle(self, timeout: float = 600.0) -> None:
+        """Close once no request is on the wire (at most ``timeout`` seconds from now)."""
+        deadline = time.monotonic() + timeout
+        while (any(e.in_flight for e in self.endpoints) and time.monotonic() < deadline
+               and not self.closed):
+            time.sleep(0.1)
+        self.close()
 
     def close(self) -> None:
         """Cancel outstanding requests, close every client, stop the loop thread and leave the
@@ -360,6 +440,9 @@ class WorkerPool:
             for task in asyncio.all_tasks():
                 if task is not current:
                     task.cancel()
+            if self._budget is not None:  # give the room back now rather than when it goes stale
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._budget.exchange(self._budget_reports(True)), 2)
             for endpoint in self.endpoints:
                 aclose = getattr(endpoint.client, "aclose", None)
                 if aclose is not None:
@@ -377,6 +460,22 @@ class WorkerPool:
 _POOLS: dict[str, WorkerPool] = {}
 _POOLS_LOCK = threading.Lock()
 PLUGIN_NAME = "nemocc-pools"
+
+
+_DRAINING: str | None = None  # set on a worker whose run is stopping: new pools start drained
+
+
+def drain_pools(reason: str | None) -> None:
+    """Drain this process's pools and the ones it creates from now on (``None``: create normal
+    pools again). Run on every worker by the driver when it stops on SIGTERM."""
+    global _DRAINING
+    _DRAINING = reason
+    if reason is None:
+        return
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    for pool in pools:
+        pool.drain(reason)
 
 
 def _forget(pool: WorkerPool) -> None:
@@ -411,6 +510,7 @@ def _attach_to_worker() -> None:
 
 
 def _factories(llm: LLMConfig, window: int) -> list[tuple[str, Callable[[], Any]]]:
+    """(endpoint name, client factory) per endpoint; ``window`` bounds each client's connections."""
     if llm.client_factory is not None:
         return [(llm.endpoints[0], llm.client_factory)]
     return [(url, lambda url=url: OpenAIHTTPClient(url, llm.api_key, llm.timeout, window,
@@ -418,24 +518,41 @@ def _factories(llm: LLMConfig, window: int) -> list[tuple[str, Callable[[], Any]
             for url in llm.base_url]
 
 
-def new_pool(llm: LLMConfig, window: int) -> WorkerPool:
-    """A fresh pool for ``llm`` with ``window`` slots per endpoint (the caller closes it)."""
+def new_pool(llm: LLMConfig, window: int, budget=None) -> WorkerPool:
+    """A fresh pool for ``llm`` with ``window`` slots per endpoint, or with ``budget`` (a
+    ``budget.BudgetLink``) at most ``window`` as the allocator grants (the caller closes it)."""
     return WorkerPool(_factories(llm, window), window, llm.max_retries, llm.backoff_base,
                       llm.backoff_max, llm.endpoint_cooldown, llm.api_key,
-                      llm.max_failed_fraction, llm.failure_min_requests)
+                      llm.max_failed_fraction, llm.failure_min_requests, budget)
 
 
-def get_pool(llm: LLMConfig, window: int) -> WorkerPool:
-    """This process's pool for ``llm`` with ``window`` slots per endpoint (created on first use;
-    a closed or broken pool is replaced)."""
-    key = llm.pool_key(window)
+def _new_pool_here(llm: LLMConfig) -> WorkerPool:
+    """A pool as ``llm`` asks for it in this process: a fixed ``max_in_flight_per_worker``; on a
+    Dask worker, a share of the cluster-wide ``max_in_flight``; elsewhere all of it."""
+    if llm.max_in_flight_per_worker:
+        return new_pool(llm, llm.max_in_flight_per_worker)
+    from nemocc_dask.llm.budget import BudgetLink, current_worker
+
+    worker = current_worker()
+    budget = BudgetLink(worker, llm.max_in_flight) if worker is not None else None
+    return new_pool(llm, llm.max_in_flight, budget)
+
+
+def get_pool(llm: LLMConfig) -> WorkerPool:
+    """This process's pool for ``llm`` (created on first use; a closed or broken pool is
+    replaced, the broken one closed once its requests on the wire are answered; while the
+    worker drains, the drained pool is kept so that nothing more is sent)."""
+    key = llm.pool_key()
     _attach_to_worker()
     with _POOLS_LOCK:
         pool = old = _POOLS.get(key)
-        if pool is None or pool.closed or pool.broken:
-            pool = new_pool(llm, window)
+        if pool is None or pool.closed or (pool.broken and not _DRAINING):
+            pool = _new_pool_here(llm)
             pool.registry_key = key
             _POOLS[key] = pool
-    if old is not None and old is not pool:
-        old.close()
+            if _DRAINING:
+                pool.drain(_DRAINING)
+    if old is not None and old is not pool:  # its requests on the wire still finish
+        threading.Thread(target=old.close_when_idle, daemon=True,
+                         name="nemocc-pool-retire").start()
     return pool

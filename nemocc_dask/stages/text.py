@@ -13,10 +13,12 @@ from typing import Iterable
 from nemocc_dask.stages.backend import map_strings
 
 # Decision 6: the reference's four rules, but a marker only opens at a non-word boundary and only
-# closes before one, so `snake_case_var`, `__init__`, `2*3*4` and `file_name.py` survive.
-_BOLD = re.compile(r"(?<![\w*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?![\w*])")
-_ITALIC = re.compile(r"(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![\w*])")
-_UNDERLINE = re.compile(r"(?<![\w_])_(?=[^\s_])(.+?)(?<=[^\s_])_(?![\w_])")
+# closes before one, so `snake_case_var`, `__init__`, `2*3*4` and `file_name.py` survive. The one
+# exception: a closing marker right after punctuation may be glued to the next word, as LLMs write
+# labels (`**Question:**What is X?`).
+_BOLD = re.compile(r"(?<![\w*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?:(?![\w*])|(?<=[^\w\s*]\*\*)(?=\w))")
+_ITALIC = re.compile(r"(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?:(?![\w*])|(?<=[^\w\s*]\*)(?=\w))")
+_UNDERLINE = re.compile(r"(?<![\w_])_(?=[^\s_])(.+?)(?<=[^\s_])_(?:(?![\w_])|(?<=[^\w\s_]_)(?=\w))")
 _LINK = re.compile(r"\[.*?\]\((.*?)\)")
 
 

@@ -1,0 +1,169 @@
+"""The cluster-wide in-flight budget: per endpoint, the requests in flight on all workers together
+stay within ``max_in_flight`` while workers join, leave, idle and get busy.
+
+A scheduler plugin (``BudgetPlugin``) keeps an ``Allocator``. Each worker's pool reports about every
+``REPORT_SECONDS`` while it has work, per endpoint: its cap (the most it may have in flight now),
+how many requests it has in flight and how many want a slot (its demand). The answer is its new
+cap: a max-min fair share of the budget by demand (nobody gets more than it wants, the rest is split
+evenly). Room another worker may still be using is never handed out: a holder counts as the largest
+of its reported cap, its in-flight count and its last grant until it reports again. Shrinking is
+therefore immediate (the worker stops dispatching) and growing waits until the room is free, so the
+caps never add up to more than the budget.
+
+Tolerance: every busy holder gets at least one slot, so with more busy holders than the budget the
+sum can exceed it by (busy holders - budget). A holder that stops reporting for ``STALE_SECONDS``,
+or whose worker leaves the cluster, gives its room back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+PLUGIN_NAME = "nemocc-budget"
+HANDLER = "nemocc_budget"
+REPORT_SECONDS = 0.25
+IDLE_REPORT_SECONDS = 2.0
+STALE_SECONDS = 10.0
+
+
+@dataclass
+class Holding:
+    """What one holder (a worker's pool) last reported for one endpoint, and its grant."""
+
+    worker: str
+    total: int
+    cap: int = 0
+    in_flight: int = 0
+    demand: int = 0
+    granted: int = 0
+    seen: float = 0.0
+
+    @property
+    def held(self) -> int:
+        """The most this holder may have in flight until it reports again."""
+        return max(self.cap, self.in_flight, self.granted)
+
+
+def fair_shares(demands: dict[str, int], total: int) -> dict[str, int]:
+    """Max-min fair integer shares of ``total`` by demand; every positive demand gets at least 1
+    (the documented tolerance when there are more demands than ``total``)."""
+    shares = {key: 0 for key in demands}
+    active = sorted(key for key, demand in demands.items() if demand > 0)
+    left = total
+    while active and left > 0:
+        each, extra = divmod(left, len(active))
+        if each == 0:
+            for key in active[:left]:
+                shares[key] += 1
+            break
+        unsatisfied = []
+        for i, key in enumerate(active):
+            give = min(demands[key] - shares[key], each + (i < extra))
+            shares[key] += give
+            left -= give
+            if shares[key] < demands[key]:
+                unsatisfied.append(key)
+        active = unsatisfied
+    for key, demand in demands.items():
+        if demand > 0 and shares[key] == 0:
+            shares[key] = 1
+    return shares
+
+
+class Allocator:
+    """Per-endpoint holdings and grants (pure logic, driven by reports; no clock of its own)."""
+
+    def __init__(self):
+        self.endpoints: dict[str, dict[str, Holding]] = {}
+
+    def report(self, endpoint: str, holder: str, worker: str, total: int, cap: int,
+               in_flight: int, demand: int, now: float) -> int:
+        """Record one holder's report for ``endpoint``; returns its new cap."""
+        holdings = self.endpoints.setdefault(endpoint, {})
+        for key in [k for k, h in holdings.items() if now - h.seen > STALE_SECONDS]:
+            del holdings[key]
+        mine = holdings.setdefault(holder, Holding(worker=worker, total=total))
+        mine.total, mine.cap, mine.in_flight, mine.demand, mine.seen = (total, cap, in_flight,
+                                                                         demand, now)
+        budget = min(h.total for h in holdings.values())
+        target = fair_shares({k: h.demand for k, h in holdings.items()}, budget)[holder]
+        room = budget - sum(h.held for k, h in holdings.items() if k != holder)
+        mine.granted = max(0, min(target, room)) if target > 0 else 0
+        if not (mine.granted or mine.cap or mine.in_flight or mine.demand):
+            del holdings[holder]
+        return mine.granted
+
+    def forget_worker(self, worker: str) -> None:
+        """Give back the room of every holder on ``worker`` (it left the cluster)."""
+        for holdings in self.endpoints.values():
+            for key in [k for k, h in holdings.items() if h.worker == worker]:
+                del holdings[key]
+
+    def in_use(self, endpoint: str) -> int:
+        """The sum of what the holders of ``endpoint`` may have in flight."""
+        return sum(h.held for h in self.endpoints.get(endpoint, {}).values())
+
+
+class BudgetPlugin(SchedulerPlugin):
+    """Serves the ``nemocc_budget`` handler on the scheduler and forgets workers that leave."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self):
+        self.allocator = Allocator()
+
+    async def start(self, scheduler) -> None:
+        scheduler.handlers[HANDLER] = self.handle
+
+    def handle(self, holder: str, worker: str, total: int, endpoints: dict) -> dict[str, int]:
+        now = time.monotonic()
+        return {name: self.allocator.report(name, holder, worker, total, now=now, **counts)
+                for name, counts in endpoints.items()}
+
+    def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
+        self.allocator.forget_worker(worker)
+
+
+class BudgetLink:
+    """A pool's line to the scheduler's allocator, from any event loop of the worker process."""
+
+    def __init__(self, worker, total: int):
+        self._worker = worker
+        self.total = total
+        self.holder = f"{worker.address}/{uuid.uuid4().hex[:8]}"
+        self._registered = False
+
+    async def exchange(self, reports: dict[str, dict]) -> dict[str, int]:
+        """Send this holder's per-endpoint counts; returns the new cap per endpoint."""
+        future = asyncio.run_coroutine_threadsafe(self._exchange(reports),
+                                                  self._worker.loop.asyncio_loop)
+        return await asyncio.wrap_future(future)
+
+    async def _exchange(self, reports: dict[str, dict]) -> dict[str, int]:
+        scheduler = self._worker.scheduler
+        if not self._registered:
+            from distributed.protocol.pickle import dumps
+
+            await scheduler.register_scheduler_plugin(plugin=dumps(BudgetPlugin()),
+                                                      name=PLUGIN_NAME, idempotent=True)
+            self._registered = True
+        grants = await scheduler.nemocc_budget(holder=self.holder, worker=self._worker.address,
+                                               total=self.total, endpoints=reports)
+        if not isinstance(grants, dict):
+            raise RuntimeError(f"the scheduler's {HANDLER} handler answered {grants!r}")
+        return grants
+
+
+def current_worker():
+    """This process's Dask worker, or None outside one."""
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):
+        return None

@@ -1,0 +1,150 @@
+"""SIGTERM (a SLURM time limit, preemption, scancel) stops a run cleanly: requests on the wire are
+answered and journaled, nothing else is sent, the exit status is 75, and the rerun (or the requeued
+job) finishes with output equal to an uninterrupted run and no request paid twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nemocc_dask import LLMConfig
+from nemocc_dask.llm.mock import MockLLMServer
+from nemocc_dask.runner import run_to_parquet
+
+from conftest import make_docs
+from test_cluster import _slurm_running
+from test_runner_e2e import answers_so_far, read_parts
+
+pytestmark = pytest.mark.slow
+KEY = ["id", "segment_id"]
+
+
+def _docs(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.Table.from_pandas(make_docs(n, paragraphs=1), preserve_index=False), path)
+    return path
+
+
+def _run_args(docs: Path, out: Path, server) -> list[str]:
+    return ["run", "--task", "distill", "--input", str(docs), "--output", str(out),
+            "--base-url", server.base_url, "--model", "mock", "--max-in-flight", "8",
+            "--rows-per-partition", "20", "--no-progress"]
+
+
+def _reference(tmp_path, docs, cluster_client) -> tuple:
+    """(parts, requests) of an uninterrupted run."""
+    with MockLLMServer() as server:
+        run_to_parquet(docs, tmp_path / "reference", "distill",
+                       LLMConfig(base_url=server.base_url, model="mock", max_in_flight=8),
+                       rows_per_partition=20, show_progress=False)
+        requests = server.stats.requests
+    return read_parts(tmp_path / "reference").sort_values(KEY).reset_index(drop=True), requests
+
+
+def _wait_for_answers(out: Path, at_least: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and answers_so_far(out) < at_least:
+        time.sleep(0.1)
+    assert answers_so_far(out) >= at_least, "the run never got going"
+
+
+def test_sigterm_drains_then_the_rerun_pays_nothing_twice(tmp_path, cluster_client):
+    docs = _docs(tmp_path, 120)
+    expected, reference_requests = _reference(tmp_path, docs, cluster_client)
+    out = tmp_path / "out"
+    with MockLLMServer(latency=0.5) as server:
+        args = [sys.executable, "-m", "nemocc_dask.cli", *_run_args(docs, out, server),
+                "--workers", "2", "--threads-per-worker", "2"]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for_answers(out, 24)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+        stopped_at = server.stats.requests
+        assert proc.returncode == 75, stderr[-2000:]
+        assert "Rerun the same command" in stderr and "Traceback" not in stderr
+        assert len(list((out / "parts").glob("*.parquet"))) < 6  # it stopped mid-run
+        assert server.stats.completed == stopped_at, stderr[-3000:]  # nothing left on the wire
+        assert answers_so_far(out) == stopped_at  # every answer received was kept
+        done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        total_requests = server.stats.requests
+    assert total_requests == reference_requests  # no request sent twice
+    got = read_parts(out).sort_values(KEY).reset_index(drop=True)
+    assert got.equals(expected)
+
+
+SBATCH = """\
+#!/bin/bash
+#SBATCH --job-name=nemocc-preempt
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --cpus-per-task=2
+# As examples/sbatch_run.sh: the driver runs in the background so that the batch shell can
+# forward SIGTERM to it, and a clean stop (exit 75) requeues the job.
+{command} &
+DRIVER=$!
+trap 'kill -TERM "$DRIVER" 2>/dev/null' TERM
+while :; do status=0; wait "$DRIVER" || status=$?; kill -0 "$DRIVER" 2>/dev/null || break; done
+echo "driver exit $status restart ${{SLURM_RESTART_COUNT:-0}}"
+if [ "$status" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; fi
+exit "$status"
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not _slurm_running(),
+                    reason="sbatch/slurmctld not available (start one with .ci/slurm_setup.sh)")
+def test_slurm_job_signalled_mid_run_is_requeued_and_finishes(tmp_path, cluster_client):
+    docs = _docs(tmp_path, 120)
+    expected, reference_requests = _reference(tmp_path, docs, cluster_client)
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    with MockLLMServer(latency=0.5) as server:
+        command = " ".join([sys.executable, "-m", "nemocc_dask.cli",
+                            *_run_args(docs, out, server), "--workers", "1",
+                            "--threads-per-worker", "4"])
+        script = tmp_path / "job.sh"
+        script.write_text(SBATCH.format(command=command))
+        job = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--chdir={tmp_path}",
+                              str(script)], capture_output=True, text=True, check=True,
+                             env=os.environ).stdout.strip().split(";")[0]
+        try:
+            _wait_for_answers(out, 24, timeout=180)
+            subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True)
+            deadline = time.time() + 400
+            while time.time() < deadline and "driver exit" not in _read(log):
+                time.sleep(0.5)
+            # SLURM holds a requeued job for 120 s before it may start again; a user waits, the
+            # test moves its start forward.
+            while time.time() < deadline and "PENDING" not in _job_state(job):
+                time.sleep(0.5)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+            while time.time() < deadline and "restart 1" not in _read(log):
+                time.sleep(1)
+        finally:
+            subprocess.run(["scancel", job], capture_output=True)
+        total_requests = server.stats.requests
+    text = _read(log)
+    assert "driver exit 75 restart 0" in text, text[-3000:]
+    assert "driver exit 0 restart 1" in text, text[-3000:]
+    assert total_requests == reference_requests  # nothing paid twice
+    got = read_parts(out).sort_values(KEY).reset_index(drop=True)
+    assert got.equals(expected)
+
+
+def _job_state(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-o", "%T", "-j", job], capture_output=True,
+                          text=True).stdout
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
