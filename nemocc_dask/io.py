@@ -4,15 +4,15 @@ them before any request is sent, and writing files atomically.
 Partitions are explicit: a parquet file is cut into row ranges of ``rows_per_partition`` rows
 (whatever its row groups; a piece reads only the row groups it overlaps), a JSONL file into line
 ranges found in one pass (each piece then seeks to its first line, so reading a plain JSONL file
-costs about two reads of it, whatever the number of partitions; a ``.jsonl.gz`` piece still
-decompresses from the file's start, since gzip cannot seek). The same input and
+costs about two reads of it, whatever the number of partitions; for a ``.jsonl.gz`` file that
+pass also saves a seek index, see ``gzindex``). The same input and
 ``rows_per_partition`` always give the same partitions (the partition map, recorded in
 ``run.json``), which is what resuming relies on.
 """
 
 from __future__ import annotations
 
-import gzip
+import contextlib
 import hashlib
 import itertools
 import json
@@ -22,10 +22,11 @@ import socket
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import pandas as pd
 
+from nemocc_dask import gzindex
 from nemocc_dask.errors import StartError
 from nemocc_dask.stages.backend import to_host_list
 
@@ -108,13 +109,24 @@ def _read_parquet_rows(path: str, start: int, stop: int, columns=None):
     return table.slice(start - first_row, stop - start)
 
 
+@contextlib.contextmanager
+def _open_at(path: str | Path, offset: int) -> Iterator[BinaryIO]:
+    """A JSONL file's bytes from (decompressed) byte ``offset`` on; a ``.gz`` file read from its
+    start saves a seek index for the pieces that start later (see ``gzindex``)."""
+    if str(path).lower().endswith(".gz"):
+        with (gzindex.scan(path) if offset == 0 else gzindex.open_at(path, offset)) as fh:
+            yield fh
+        return
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        yield fh
+
+
 def _nonblank_lines(path: str | Path, offset: int = 0) -> Iterator[tuple[int, str]]:
     """(byte offset, text) of each non-blank line of a JSONL file from byte ``offset`` on, split
     on ``\\n`` and decoded as UTF-8 (``.gz`` files are decompressed; their offsets count
     decompressed bytes). Partitioning and reading both go through this, so they agree."""
-    opener = gzip.open if str(path).lower().endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        fh.seek(offset)
+    with _open_at(path, offset) as fh:
         for raw in fh:
             line = raw.decode("utf-8")
             if line.strip():

@@ -86,3 +86,31 @@ def test_jsonl_pieces_seek_to_their_lines_and_read_each_line_once(tmp_path, monk
     got = pd.concat([io.read_piece(p) for p in pieces], ignore_index=True)
     assert got["id"].tolist() == list(range(25)) and got["text"].iloc[3] == "doc 3 é"
     assert len(yielded) == 25  # every line read once in all, not once per earlier piece
+
+
+def test_gzip_pieces_seek_through_the_index_built_by_the_partition_pass(tmp_path, monkeypatch):
+    import gzip
+
+    import dask
+
+    from nemocc_dask import gzindex
+
+    monkeypatch.setattr(gzindex, "SPACING", 64 * 1024)  # many seek points in a small file
+    lines = [json.dumps({"id": i, "text": f"doc {i} " + "word " * 50}) for i in range(3000)]
+    path = tmp_path / "docs.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    with dask.config.set({"nemocc.gzip-index-dir": str(tmp_path / "index")}):
+        pieces = io.partition_map(path, 500)
+        assert gzindex.index_path(path).exists()
+
+        def no_decompressing_from_the_start(*args, **kwargs):
+            raise AssertionError("a piece decompressed the file from its start")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(gzindex.gzip, "open", no_decompressing_from_the_start)
+            got = pd.concat([io.read_piece(p) for p in pieces[1:]], ignore_index=True)
+        assert got["id"].tolist() == list(range(500, 3000))
+    # without the index (a worker that cannot see it) the same rows come back, just slower
+    with dask.config.set({"nemocc.gzip-index-dir": str(tmp_path / "elsewhere")}):
+        assert io.read_piece(pieces[-1])["id"].tolist() == list(range(2500, 3000))
