@@ -1,10 +1,11 @@
 """Random access into ``.jsonl.gz`` files, so that partition k does not decompress partitions 0..k-1.
 
 The driver's one pass over a gzip file (which finds each partition's first line) reads it through
-``indexed_gzip``, which records a seek point every ``SPACING`` decompressed bytes, and saves that
-index to ``nemocc.gzip-index-dir`` (default: the system temp folder), named by the file's path, size
-and modification time. A worker that finds the index seeks straight to its partition's first line
-(at most ``SPACING`` bytes decompressed); one that does not (no shared index folder on a multi-node
+``indexed_gzip``, which records a seek point (with its 32 KiB window) every ``SPACING`` decompressed
+bytes, and saves that index to ``nemocc.gzip-index-dir`` (default: the system temp folder), named by
+the file's path, size and modification time. A worker that finds the index reads its point table,
+takes the one point before its partition's first line (reading only that point's window) and seeks
+from there: at most ``SPACING`` bytes decompressed per partition. One that does not (no shared index folder on a multi-node
 cluster, ``indexed_gzip`` missing) decompresses from the start of the file, which is slower but gives
 the same rows. On multi-node clusters point ``DASK_NEMOCC__GZIP_INDEX_DIR`` at a shared folder.
 """
@@ -16,14 +17,17 @@ import gzip
 import hashlib
 import io
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import dask.config
 
-SPACING = 32 * 1024 * 1024  # decompressed bytes between seek points (each costs 32 KiB of index)
-READ_BUFFER = 1024 * 1024
+SPACING = 1024 * 1024  # decompressed bytes between seek points (each costs 32 KiB of index)
+_HEADER = struct.Struct("<5sBBQQIII")  # magic, version, flags, sizes, spacing, window, points
+_POINT = struct.Struct("<QQBB")  # compressed offset, decompressed offset, bits, has window
+READ_BUFFER = 256 * 1024
 
 
 def index_path(path: str | os.PathLike) -> Path:
@@ -65,14 +69,42 @@ def scan(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raw.close()
 
 
+def _one_point_index(index: Path, offset: int) -> bytes | None:
+    """An index holding only the start of the file and the last seek point at or before
+    ``offset`` (read from the full index: its point table and one window); None if unreadable."""
+    with open(index, "rb") as fh:
+        header = fh.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return None
+        magic, version, flags, csize, usize, spacing, window, count = _HEADER.unpack(header)
+        if magic != b"GZIDX" or version != 1:
+            return None
+        points = [_POINT.unpack(fh.read(_POINT.size)) for _ in range(count)]
+        if not points:  # a file too small (or too compressible) to have seek points
+            return None
+        best = max((i for i, p in enumerate(points) if p[1] <= offset), default=0)
+        if best == 0 or not points[best][3]:  # within the first SPACING bytes
+            return _HEADER.pack(magic, version, flags, csize, usize, spacing, window, 1) + \
+                _POINT.pack(*points[0])
+        fh.seek(_HEADER.size + count * _POINT.size
+                + sum(p[3] for p in points[:best]) * window)
+        data = fh.read(window)
+    return (_HEADER.pack(magic, version, flags, csize, usize, spacing, window, 2)
+            + _POINT.pack(*points[0]) + _POINT.pack(*points[best]) + data)
+
+
 @contextlib.contextmanager
 def open_at(path: str | os.PathLike, offset: int) -> Iterator[BinaryIO]:
-    """``path`` decompressed and positioned at decompressed byte ``offset``: through the saved
-    index when there is one, else by decompressing from the start."""
+    """``path`` decompressed and positioned at decompressed byte ``offset``: from the nearest
+    seek point of the saved index when there is one, else by decompressing from the start."""
     igzip = _indexed_gzip()
     index = index_path(path) if igzip is not None and offset else None
-    if index is not None and index.exists():
-        raw = igzip.IndexedGzipFile(str(path), index_file=str(index))
+    small = _one_point_index(index, offset) if index is not None and index.exists() else None
+    if small is not None:
+        with tempfile.NamedTemporaryFile(suffix=".gzidx") as tmp:
+            tmp.write(small)
+            tmp.flush()
+            raw = igzip.IndexedGzipFile(str(path), index_file=tmp.name)
         try:
             raw.seek(offset)
             yield io.BufferedReader(raw, buffer_size=READ_BUFFER)

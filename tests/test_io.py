@@ -96,12 +96,15 @@ def test_gzip_pieces_seek_through_the_index_built_by_the_partition_pass(tmp_path
     from nemocc_dask import gzindex
 
     monkeypatch.setattr(gzindex, "SPACING", 64 * 1024)  # many seek points in a small file
-    lines = [json.dumps({"id": i, "text": f"doc {i} " + "word " * 50}) for i in range(3000)]
+    import hashlib
+
+    lines = [json.dumps({"id": i, "text": hashlib.sha256(str(i).encode()).hexdigest() * 4})
+             for i in range(30000)]  # 8 MB, hard to compress: several deflate blocks and points
     path = tmp_path / "docs.jsonl.gz"
     with gzip.open(path, "wt", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
     with dask.config.set({"nemocc.gzip-index-dir": str(tmp_path / "index")}):
-        pieces = io.partition_map(path, 500)
+        pieces = io.partition_map(path, 3000)
         assert gzindex.index_path(path).exists()
 
         def no_decompressing_from_the_start(*args, **kwargs):
@@ -110,7 +113,7 @@ def test_gzip_pieces_seek_through_the_index_built_by_the_partition_pass(tmp_path
         with monkeypatch.context() as patched:
             patched.setattr(gzindex.gzip, "open", no_decompressing_from_the_start)
             got = pd.concat([io.read_piece(p) for p in pieces[1:]], ignore_index=True)
-        assert got["id"].tolist() == list(range(500, 3000))
+        assert got["id"].tolist() == list(range(3000, 30000))
     # without the index (a worker that cannot see it) the same rows come back, just slower
     with dask.config.set({"nemocc.gzip-index-dir": str(tmp_path / "elsewhere")}):
-        assert io.read_piece(pieces[-1])["id"].tolist() == list(range(2500, 3000))
+        assert io.read_piece(pieces[-1])["id"].tolist() == list(range(27000, 30000))

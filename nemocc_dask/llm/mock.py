@@ -221,6 +221,15 @@ class MockLLMServer:
                       "total_tokens": prompt_tokens + completion_tokens},
         })
 
+    async def _stats(self, request):
+        """What the server saw so far, for benchmarks that run it in another process."""
+        from aiohttp import web
+
+        stats = self.stats
+        return web.json_response({"requests": stats.requests, "completed": stats.completed,
+                                  "in_flight": stats.in_flight,
+                                  "max_in_flight": stats.max_in_flight})
+
     async def _sample_in_flight(self):
         while True:
             self.stats.in_flight_samples.append((time.monotonic(), self.stats.in_flight))
@@ -234,6 +243,7 @@ class MockLLMServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/mock/stats", self._stats)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=4096, reuse_address=True)
