@@ -21,6 +21,9 @@ cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=ci
 SlurmctldHost=${NODE}(127.0.0.1)
 AuthType=auth/munge
+# A requeued job may start again once its old credential has expired (default 120 s); short here
+# so that the requeue test in tests/test_preemption.py waits 15 s instead of two minutes.
+AuthInfo=cred_expire=15
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root

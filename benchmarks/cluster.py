@@ -139,7 +139,7 @@ def budget(out: Path, quick: bool = False) -> dict:
 def occupancy(out: Path, quick: bool = False) -> dict:
     """The whole CLI run (cluster start included), DiverseQA, 2 workers: mean requests in service
     at the server over the run / budget, and the run's wall time vs the generation-bound ideal."""
-    copies, total, latency = (1, 64, 0.5) if quick else (12, 256, 2.0)
+    copies, total, latency = (1, 64, 0.5) if quick else (32, 256, 2.0)
     with tempfile.TemporaryDirectory() as tmp, \
             MockProcess(0, latency=latency, per_token_latency=0) as server:
         docs = Path(tmp) / "corpus.parquet"

@@ -124,7 +124,7 @@ def _client(args):
             cluster.close()
 
 
-def _print_reports(reports: dict, out: Path) -> None:
+def _print_reports(reports: dict, out) -> None:
     for name, report in reports.items():
         print(render_table(report, f"task {name}"))
         print()
@@ -144,7 +144,7 @@ def cmd_run(args) -> int:
                                 args.text_field, args.id_field, args.seed, args.overwrite,
                                 args.retry_failed, args.rows_per_partition, not args.no_progress,
                                 gpu=args.gpu)
-    _print_reports({report["task"]: report}, Path(args.output))
+    _print_reports({report["task"]: report}, args.output)
     return 0
 
 
@@ -161,7 +161,7 @@ def cmd_nemotron_cc(args) -> int:
             overwrite=args.overwrite, retry_failed=args.retry_failed,
             rows_per_partition=args.rows_per_partition, show_progress=not args.no_progress,
             gpu=args.gpu)
-    _print_reports(reports, Path(args.output))
+    _print_reports(reports, args.output)
     combined = combine(reports)
     print(json.dumps({"total": combined["total"]}, indent=1))
     return 0

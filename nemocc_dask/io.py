@@ -13,7 +13,9 @@ pass also saves a seek index, see ``gzindex``). The same input and
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
+import io as io_module
 import itertools
 import json
 import os
@@ -26,7 +28,7 @@ from typing import BinaryIO, Iterator
 
 import pandas as pd
 
-from nemocc_dask import gzindex
+from nemocc_dask import gzindex, storage
 from nemocc_dask.errors import StartError
 from nemocc_dask.stages.backend import to_host_list
 
@@ -52,7 +54,7 @@ class Piece:
 def _files(paths) -> list[Path]:
     files: list[Path] = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-        path = Path(p)
+        path = storage.as_path(p)
         if not path.exists():
             raise InputError(f"input path {str(path)!r} does not exist")
         if path.is_dir():
@@ -80,7 +82,8 @@ def _parquet_pieces(path: Path, rows_per_partition: int) -> list[Piece]:
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.ParquetFile(path).metadata.num_rows
+        with path.open("rb") as fh:
+            rows = pq.ParquetFile(fh).metadata.num_rows
     except Exception as exc:
         raise InputError(f"cannot read parquet file {str(path)!r}: {exc}. Is it corrupt or still "
                          "being written?") from None
@@ -93,9 +96,14 @@ def _parquet_pieces(path: Path, rows_per_partition: int) -> list[Piece]:
 def _read_parquet_rows(path: str, start: int, stop: int, columns=None):
     """Rows ``[start, stop)`` of a parquet file as an Arrow table, reading only the row groups
     that overlap them."""
+    with storage.as_path(path).open("rb") as fh:
+        return _row_range(fh, start, stop, columns)
+
+
+def _row_range(source, start: int, stop: int, columns=None):
     import pyarrow.parquet as pq
 
-    handle = pq.ParquetFile(path)
+    handle = pq.ParquetFile(source)
     groups, first_row, offset = [], None, 0
     for group in range(handle.metadata.num_row_groups):
         n = handle.metadata.row_group(group).num_rows
@@ -113,11 +121,17 @@ def _read_parquet_rows(path: str, start: int, stop: int, columns=None):
 def _open_at(path: str | Path, offset: int) -> Iterator[BinaryIO]:
     """A JSONL file's bytes from (decompressed) byte ``offset`` on; a ``.gz`` file read from its
     start saves a seek index for the pieces that start later (see ``gzindex``)."""
+    location = storage.as_path(path)
     if str(path).lower().endswith(".gz"):
+        if storage.is_remote(location):  # no seek index there: decompress from the start
+            with location.open("rb") as raw, gzip.GzipFile(fileobj=raw) as fh:
+                fh.seek(offset)
+                yield fh
+            return
         with (gzindex.scan(path) if offset == 0 else gzindex.open_at(path, offset)) as fh:
             yield fh
         return
-    with open(path, "rb") as fh:
+    with location.open("rb") as fh:
         fh.seek(offset)
         yield fh
 
@@ -167,7 +181,8 @@ def _meta(pieces: list[Piece]) -> pd.DataFrame:
     if first.kind == "parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_schema(first.path).empty_table().to_pandas()
+        with storage.as_path(first.path).open("rb") as fh:
+            return pq.read_schema(fh).empty_table().to_pandas()
     sample = read_piece(Piece(first.path, "jsonl", 0, min(first.stop, 100)))
     return sample.iloc[:0]
 
@@ -212,9 +227,19 @@ def read_input(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION):
 def input_fingerprint(paths, pieces: list[Piece]) -> dict:
     """The run identity of an input: (path, size, mtime) of every file and the partition map
     (each piece's file and row range). Changes when an input file or the partitioning changes."""
-    files = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in _files(paths)]
+    files = [[_full_name(f), f.stat().st_size, _mtime(f)] for f in _files(paths)]
     return {"files": files,
-            "partitions": [[str(Path(p.path).resolve()), p.kind, p.start, p.stop] for p in pieces]}
+            "partitions": [[_full_name(storage.as_path(p.path)), p.kind, p.start, p.stop]
+                           for p in pieces]}
+
+
+def _full_name(path) -> str:
+    return str(path) if storage.is_remote(path) else str(path.resolve())
+
+
+def _mtime(path) -> int:
+    stat = path.stat()
+    return getattr(stat, "st_mtime_ns", None) or int(stat.st_mtime * 1e9)
 
 
 def check_ids(ddf, id_field: str) -> int:
@@ -265,7 +290,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and a rename."""
+    """Write ``data`` to ``path`` through a temporary file, fsync and a rename (on an object
+    store: one PUT)."""
+    if storage.is_remote(path):
+        path.write_bytes(data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     with open(tmp, "wb") as fh:
@@ -277,7 +306,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_parquet(frame, path: Path) -> None:
-    """Write a pandas/cuDF frame as parquet via a temporary file, fsync and a rename."""
+    """Write a pandas/cuDF frame as parquet via a temporary file, fsync and a rename (on an
+    object store: serialised in memory, then one PUT)."""
+    if storage.is_remote(path):
+        buffer = io_module.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        path.write_bytes(buffer.getvalue())
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     frame.to_parquet(tmp, index=False)
@@ -292,7 +327,7 @@ def remove_stale_temps(folder: Path) -> int:
 
     Call only while holding the output folder's lock (no other writer can be running)."""
     removed = 0
-    if folder.exists():
+    if not storage.is_remote(folder) and folder.exists():
         for tmp in folder.rglob(f".*{TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
             removed += 1

@@ -6,7 +6,6 @@ all in one graph so the input is read once and all tasks share each worker's poo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from nemocc_dask import io
 from nemocc_dask.llm.config import LLMConfig
@@ -15,6 +14,7 @@ from nemocc_dask.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS
 from nemocc_dask.report import combine
 from nemocc_dask.runner import Job, run_jobs, start_checks
 from nemocc_dask.stages.route import Route, select_route
+from nemocc_dask.storage import as_path
 
 
 def _routes(tasks, high_tasks, low_tasks) -> dict[str, bool]:
@@ -63,11 +63,11 @@ def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict,
     """Write ``output/<task>/`` for every task (same layout and resume as ``run_to_parquet``) and
     ``output/report.json`` (per task and total). Returns the per-task reports."""
     with start_checks():
-        jobs = [Job(resolve_task(task, text_field), _llm_for(task, llm), Path(output) / task,
+        jobs = [Job(resolve_task(task, text_field), _llm_for(task, llm), as_path(output) / task,
                     Route(quality_field, float(threshold), high))
                 for task, high in _routes(tasks, high_tasks, low_tasks).items()]
     reports = run_jobs(data, jobs, tokenizer, id_field, seed, overwrite, retry_failed,
                        rows_per_partition, show_progress, gpu)
-    io.atomic_write_bytes(Path(output) / "report.json",
+    io.atomic_write_bytes(as_path(output) / "report.json",
                           json.dumps(combine(reports), indent=1).encode())
     return reports

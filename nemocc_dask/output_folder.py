@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 
-from nemocc_dask import io
+from nemocc_dask import io, storage
 from nemocc_dask.errors import StartError
 
 logger = logging.getLogger(__name__)
@@ -58,6 +57,7 @@ def check_output(out_dir: Path, material: dict, overwrite: bool) -> str:
     (``overwrite``: the earlier run is deleted once every check has passed). Raises OutputError
     for a folder with other files, another run's identity without ``overwrite``, or a live lock.
     """
+    storage.refresh(out_dir)
     entries = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK) \
         if out_dir.exists() else []
     if not entries:
@@ -84,8 +84,7 @@ def prepare_output(out_dir: Path, material: dict, mode: str) -> None:
     earlier run for ``"replace"``, write ``run.json``, remove temporary files of killed writers."""
     if mode == "replace":
         for name in OWNED:
-            target = out_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            storage.remove_tree(out_dir / name)
     if not (out_dir / MANIFEST).exists():
         io.atomic_write_bytes(out_dir / MANIFEST, json.dumps(
             {"fingerprint": io.digest(material), "material": material}, indent=1,
@@ -165,6 +164,11 @@ class OutputLock:
                 logger.warning("cannot refresh the lock %s: %s", self.path, exc)
 
     def __enter__(self) -> "OutputLock":
+        if storage.is_remote(self.path):  # no exclusive create there: check, then write
+            check_lock(self.path.parent)
+            io.atomic_write_bytes(self.path, self._contents())
+            self._thread.start()
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

@@ -28,12 +28,13 @@ import pandas as pd
 
 from nemocc_dask.io import atomic_write_bytes, atomic_write_parquet
 from nemocc_dask.llm.config import LLMConfig
-from nemocc_dask.llm.generate import generate_partition
+from nemocc_dask.llm.generate import Journal, generate_partition
 from nemocc_dask.presets import TaskPreset
 from nemocc_dask.stages.backend import to_host_list
 from nemocc_dask.stages.postprocess import REJECT_REASON, postprocess_partition
 from nemocc_dask.stages.preprocess import preprocess_partition, timed
 from nemocc_dask.stages.route import Route, route_partition
+from nemocc_dask.storage import as_path
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,15 @@ def part_name(index: int) -> str:
 
 
 def part_path(out_dir: str | Path, index: int) -> Path:
-    return Path(out_dir) / "parts" / f"{part_name(index)}.parquet"
+    return as_path(out_dir) / "parts" / f"{part_name(index)}.parquet"
 
 
 def stats_path(out_dir: str | Path, index: int) -> Path:
-    return Path(out_dir) / "stats" / f"{part_name(index)}.json"
+    return as_path(out_dir) / "stats" / f"{part_name(index)}.json"
 
 
 def journal_path(out_dir: str | Path, index: int) -> Path:
-    return Path(out_dir) / "journal" / f"{part_name(index)}.jsonl"
+    return as_path(out_dir) / "journal" / f"{part_name(index)}.jsonl"
 
 
 def finished_stats(out_dir: str | Path, index: int) -> dict | None:
@@ -102,7 +103,7 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
     ``stats/part-NNNNN.json``). A finished partition is returned as it is unless ``redo`` (then
     its part is deleted first and every file is rewritten; failed requests are resent when
     the plan says ``retry_failed``)."""
-    out = Path(plan.out_dir)
+    out = as_path(plan.out_dir)
     if not redo:
         done = finished_stats(out, index)
         if done is not None:
@@ -150,5 +151,5 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
     atomic_write_bytes(stats_path(out, index), json.dumps(stats, indent=1).encode())
     atomic_write_parquet(kept, part_path(out, index))
     if not stats["failed_requests"]:  # nothing to resend: the part holds what the journal held
-        journal_path(out, index).unlink(missing_ok=True)
+        Journal(journal_path(out, index)).delete()
     return stats

@@ -31,6 +31,7 @@ from nemocc_dask.pipeline import require_columns, resolve_task
 from nemocc_dask.presets import TaskPreset
 from nemocc_dask.report import aggregate
 from nemocc_dask.stages.route import Route
+from nemocc_dask.storage import as_path, is_remote, refresh
 from nemocc_dask.tokenizer import tokenizer_name
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class Progress:
 
     def _scan(self) -> None:
         for out in self.out_dirs:
+            if is_remote(out):  # journals there are chunks; finished partitions still count
+                continue
             for path in sorted((out / "journal").glob("*.jsonl")):
                 if path not in self._finished:
                     self._read_journal(path)
@@ -328,6 +331,7 @@ def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str 
 
 def _write_report(job: Job, n_parts: int, ran: int, input_rows: int, seconds: float) -> dict:
     """Sum the job's partition stats into ``report.json``; RunError if the counts do not add up."""
+    refresh(job.out_dir)
     stats = [json.loads(p.read_text()) for p in sorted((job.out_dir / "stats").glob("*.json"))]
     report = aggregate(stats, seconds, n_parts - ran, expected_rows=input_rows,
                        expected_partitions=n_parts)
@@ -355,6 +359,6 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, tokeniz
     """
     with start_checks():
         preset = resolve_task(task, text_field, **overrides)
-    job = Job(preset, llm, Path(output))
+    job = Job(preset, llm, as_path(output))
     return run_jobs(data, [job], tokenizer, id_field, seed, overwrite, retry_failed,
                     rows_per_partition, show_progress, gpu)[preset.name]

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from nemocc_dask.llm.budget import STALE_SECONDS, Allocator, fair_shares
+from nemocc_dask.llm.budget import (DEMAND_MEMORY_SECONDS, STALE_SECONDS, Allocator,
+                                    fair_shares)
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.mock import MockLLMServer
 
@@ -61,10 +62,16 @@ def test_idle_holders_give_their_room_to_busy_ones():
     _report(alloc, "w1/p", 0.2, 16, 16, 100)
     _report(alloc, "w1/p", 0.3, 8, 8, 100)
     assert _report(alloc, "w2/p", 0.4, 0, 0, 100) == 8
-    assert _report(alloc, "w2/p", 0.5, 8, 0, 0) == 0  # w2 ran out of work
-    assert _report(alloc, "w1/p", 0.6, 8, 8, 100) == 8  # w2 may still use 8 until it reports
-    assert _report(alloc, "w2/p", 0.7, 0, 0, 0) == 0
-    assert _report(alloc, "w1/p", 0.8, 8, 8, 100) == 16
+    # a dip in w2's demand shorter than DEMAND_MEMORY_SECONDS (between two partitions) keeps
+    # its share
+    assert _report(alloc, "w2/p", 0.5, 8, 0, 0) == 8
+    assert _report(alloc, "w1/p", 0.6, 8, 8, 100) == 8
+    # w2 ran out of work for good: once the memory has passed its room goes to w1, but only
+    # after w2 reports that it applied its new cap
+    assert _report(alloc, "w2/p", 0.5 + DEMAND_MEMORY_SECONDS + 0.1, 8, 0, 0) == 0
+    assert _report(alloc, "w1/p", 1.7, 8, 8, 100) == 8  # w2 may still use 8 until it reports
+    assert _report(alloc, "w2/p", 1.8, 0, 0, 0) == 0
+    assert _report(alloc, "w1/p", 1.9, 8, 8, 100) == 16
 
 
 def test_departed_and_silent_holders_give_their_room_back():

@@ -5,7 +5,8 @@ A scheduler plugin (``BudgetPlugin``) keeps an ``Allocator``. Each worker's pool
 ``REPORT_SECONDS`` while it has work, per endpoint: its cap (the most it may have in flight now),
 how many requests it has in flight and how many want a slot (its demand). The answer is its new
 cap: a max-min fair share of the budget by demand (nobody gets more than it wants, the rest is split
-evenly). Room another worker may still be using is never handed out: a holder counts as the largest
+evenly; a holder's demand is its peak over the last second, so that the dip between two partitions
+does not hand its room away and back). Room another worker may still be using is never handed out: a holder counts as the largest
 of its reported cap, its in-flight count and its last grant until it reports again. Shrinking is
 therefore immediate (the worker stops dispatching) and growing waits until the room is free, so the
 caps never add up to more than the budget.
@@ -26,7 +27,8 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 PLUGIN_NAME = "nemocc-budget"
 HANDLER = "nemocc_budget"
-REPORT_SECONDS = 0.25
+REPORT_SECONDS = 0.1
+DEMAND_MEMORY_SECONDS = 1.0  # a holder's demand counts as its peak over this long
 IDLE_REPORT_SECONDS = 2.0
 STALE_SECONDS = 10.0
 
@@ -42,6 +44,15 @@ class Holding:
     demand: int = 0
     granted: int = 0
     seen: float = 0.0
+    peak_demand: int = 0
+    peak_at: float = 0.0
+
+    def remember_demand(self, demand: int, now: float) -> None:
+        """Keep the peak demand of the last DEMAND_MEMORY_SECONDS, so that the short dips
+        between two partitions do not hand the holder's room to others and back."""
+        self.demand = demand
+        if demand >= self.peak_demand or now - self.peak_at > DEMAND_MEMORY_SECONDS:
+            self.peak_demand, self.peak_at = demand, now
 
     @property
     def held(self) -> int:
@@ -88,13 +99,13 @@ class Allocator:
         for key in [k for k, h in holdings.items() if now - h.seen > STALE_SECONDS]:
             del holdings[key]
         mine = holdings.setdefault(holder, Holding(worker=worker, total=total))
-        mine.total, mine.cap, mine.in_flight, mine.demand, mine.seen = (total, cap, in_flight,
-                                                                         demand, now)
+        mine.total, mine.cap, mine.in_flight, mine.seen = total, cap, in_flight, now
+        mine.remember_demand(demand, now)
         budget = min(h.total for h in holdings.values())
-        target = fair_shares({k: h.demand for k, h in holdings.items()}, budget)[holder]
+        target = fair_shares({k: h.peak_demand for k, h in holdings.items()}, budget)[holder]
         room = budget - sum(h.held for k, h in holdings.items() if k != holder)
         mine.granted = max(0, min(target, room)) if target > 0 else 0
-        if not (mine.granted or mine.cap or mine.in_flight or mine.demand):
+        if not (mine.granted or mine.cap or mine.in_flight or mine.peak_demand):
             del holdings[holder]
         return mine.granted
 

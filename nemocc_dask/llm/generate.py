@@ -9,8 +9,10 @@ import contextlib
 import hashlib
 import json
 import os
-from pathlib import Path
+import time
+from typing import Iterator
 
+from nemocc_dask import storage
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.pool import Request, Result, get_pool
 from nemocc_dask.presets import TaskPreset
@@ -32,28 +34,51 @@ def request_key(messages: list[dict], settings: dict) -> str:
 
 
 class Journal:
-    """Append-only JSON-lines file of finished requests for one partition, keyed by request hash."""
+    """Append-only JSON-lines record of finished requests for one partition, keyed by request
+    hash. Locally one file, appended and flushed per answer. On an object store (no appends) the
+    answers go to numbered chunk objects in ``<name>.d/``, each written in one PUT once it holds
+    ``CHUNK_RECORDS`` answers or is ``CHUNK_SECONDS`` old: a crash there loses at most that many
+    answers (they are sent again on resume)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    CHUNK_RECORDS = 64
+    CHUNK_SECONDS = 5.0
+
+    def __init__(self, path):
+        self.path = storage.as_path(path)
+        self.chunks = self.path.parent / f"{self.path.name}.d"
+
+    def _lines(self) -> Iterator[str]:
+        if storage.is_remote(self.path):
+            storage.refresh(self.chunks)
+            if self.chunks.exists():
+                for chunk in sorted(self.chunks.glob("*.jsonl")):
+                    yield from chunk.read_text(encoding="utf-8").splitlines()
+            return
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as fh:
+                yield from fh
 
     def load(self) -> dict[str, dict]:
         """Records by key; a torn last line (from a killed process) is ignored."""
         records: dict[str, dict] = {}
-        if not self.path.exists():
-            return records
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    record = json.loads(line)
-                    records[record["key"]] = record
-                except (ValueError, KeyError):
-                    continue
+        for line in self._lines():
+            try:
+                record = json.loads(line)
+                records[record["key"]] = record
+            except (ValueError, KeyError):
+                continue
         return records
 
     def open(self):
-        """The journal opened for appending; a torn last line is first ended, so the next record
-        starts on a line of its own."""
+        """A sink for new records (``write`` a line, ``flush``, ``close``). Locally the file
+        opened for appending, a torn last line first ended so that the next record starts on a
+        line of its own."""
+        if storage.is_remote(self.path):
+            storage.refresh(self.chunks)
+            taken = [int(c.stem) for c in self.chunks.glob("*.jsonl")] if self.chunks.exists() \
+                else []
+            return _ChunkSink(self.chunks, max(taken, default=0) + 1, self.CHUNK_RECORDS,
+                              self.CHUNK_SECONDS)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         torn = False
         if self.path.exists() and self.path.stat().st_size:
@@ -64,6 +89,38 @@ class Journal:
         if torn:
             sink.write("\n")
         return sink
+
+    def delete(self) -> None:
+        """Remove the journal (the partition's output now holds what it held)."""
+        if storage.is_remote(self.path):
+            storage.remove_tree(self.chunks)
+        else:
+            self.path.unlink(missing_ok=True)
+
+
+class _ChunkSink:
+    """Buffers journal lines and writes them as numbered chunk objects (object stores)."""
+
+    def __init__(self, folder, first: int, records: int, seconds: float):
+        self.folder, self.next = folder, first
+        self.records, self.seconds = records, seconds
+        self.lines: list[str] = []
+        self.since = time.monotonic()
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+
+    def flush(self, force: bool = False) -> None:
+        if self.lines and (force or len(self.lines) >= self.records
+                           or time.monotonic() - self.since >= self.seconds):
+            (self.folder / f"{self.next:06d}.jsonl").write_text("".join(self.lines),
+                                                                 encoding="utf-8")
+            self.next += 1
+            self.lines = []
+            self.since = time.monotonic()
+
+    def close(self) -> None:
+        self.flush(force=True)
 
 
 def _record(result: Result) -> dict:
