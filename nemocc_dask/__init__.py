@@ -1,13 +1,25 @@
 """nemocc_dask: the Nemotron-CC synthetic-data recipe over Dask DataFrames."""
 
+import os as _os
+
+# transformers prints advisories ("PyTorch was not found ...") at import, once per process; only
+# its tokenizers are used here. Set TRANSFORMERS_VERBOSITY yourself to see them.
+_os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from nemocc_dask.cluster import make_client
+from nemocc_dask.errors import Preempted, RunError, StartError
 from nemocc_dask.gpu import to_gpu
+from nemocc_dask.io import read_input
 from nemocc_dask.llm import LLMConfig, MockLLMServer, PreflightError
+from nemocc_dask.nemotron_cc import run_nemotron_cc, run_nemotron_cc_to_parquet
 from nemocc_dask.pipeline import generate, postprocess, preprocess, run_task
 from nemocc_dask.presets import PRESETS, TaskPreset, get_preset, make_task
+from nemocc_dask.runner import run_to_parquet
 from nemocc_dask.tokenizer import load_tokenizer, prompt_overhead_tokens
 
 __all__ = [
-    "LLMConfig", "MockLLMServer", "PRESETS", "PreflightError", "TaskPreset", "generate",
-    "get_preset", "load_tokenizer", "make_task", "postprocess", "preprocess",
-    "prompt_overhead_tokens", "run_task", "to_gpu",
+    "LLMConfig", "MockLLMServer", "PRESETS", "PreflightError", "Preempted", "RunError",
+    "StartError", "TaskPreset", "generate", "get_preset", "load_tokenizer", "make_client",
+    "make_task", "postprocess", "preprocess", "prompt_overhead_tokens", "read_input",
+    "run_nemotron_cc", "run_nemotron_cc_to_parquet", "run_task", "run_to_parquet", "to_gpu",
 ]

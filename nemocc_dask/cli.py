@@ -140,10 +140,12 @@ def cmd_run(args) -> int:
     task = load_task_file(args.prompt_file) if args.prompt_file else args.task
     llm = _llm_from_args(args)
     with _client(args):
-        report = run_to_parquet(args.input, args.output, task, llm, args.tokenizer,
-                                args.text_field, args.id_field, args.seed, args.overwrite,
-                                args.retry_failed, args.rows_per_partition, not args.no_progress,
-                                gpu=args.gpu)
+        report = run_to_parquet(args.input, args.output, task, llm, tokenizer=args.tokenizer,
+                                text_field=args.text_field, id_field=args.id_field,
+                                seed=args.seed, overwrite=args.overwrite,
+                                retry_failed=args.retry_failed,
+                                rows_per_partition=args.rows_per_partition,
+                                show_progress=not args.no_progress, gpu=args.gpu)
     _print_reports({report["task"]: report}, args.output)
     return 0
 

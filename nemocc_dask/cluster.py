@@ -117,12 +117,12 @@ def make_client(cluster: str | None = None, scheduler: str | None = None,
     if kind == "local":
         return Client(LocalCluster(n_workers=workers, threads_per_worker=threads,
                                    memory_limit=dask.config.get("nemocc.local.memory-limit"),
-                                   dashboard_address=None, silence_logs=worker_log_level))
+                                   dashboard_address=":0", silence_logs=worker_log_level))
     if kind == "local-cuda":
         require_gpu()
         from dask_cuda import LocalCUDACluster
 
-        return Client(LocalCUDACluster(threads_per_worker=threads, dashboard_address=None))
+        return Client(LocalCUDACluster(threads_per_worker=threads, dashboard_address=":0"))
     if kind == "slurm":
         client = Client(slurm_cluster(**slurm_options))
         adapt = slurm_options.get("adapt") or dask.config.get("nemocc.slurm.adapt")

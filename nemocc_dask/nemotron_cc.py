@@ -36,10 +36,10 @@ def _llm_for(task: str, llm: LLMConfig | dict) -> LLMConfig:
     return llm.get(task, llm.get("default"))
 
 
-def run_nemotron_cc(ddf, llm: LLMConfig | dict, quality_field: str = "bucketed_results",
-                    threshold: float = 11, high_tasks=HIGH_QUALITY_TASKS,
-                    low_tasks=LOW_QUALITY_TASKS, tokenizer=None, tasks=None, id_field: str = "id",
-                    seed: int = 0, **overrides) -> dict:
+def run_nemotron_cc(ddf, llm: LLMConfig | dict, *, tokenizer=None, text_field: str | None = None,
+                    id_field: str = "id", seed: int = 0, quality_field: str = "bucketed_results",
+                    threshold: float = 11, tasks=None, high_tasks=HIGH_QUALITY_TASKS,
+                    low_tasks=LOW_QUALITY_TASKS, **overrides) -> dict:
     """One lazy frame per task (a dict). ``llm`` is one LLMConfig or a dict task -> LLMConfig (with
     an optional ``"default"``). Documents with a missing or non-numeric quality are in no task."""
     require_columns(ddf.columns, {"quality": quality_field})
@@ -47,16 +47,16 @@ def run_nemotron_cc(ddf, llm: LLMConfig | dict, quality_field: str = "bucketed_r
     for task, high in _routes(tasks, high_tasks, low_tasks).items():
         routed = ddf.map_partitions(select_route, Route(quality_field, float(threshold), high),
                                     meta=ddf._meta)
-        frames[task] = run_task(routed, task, _llm_for(task, llm), tokenizer, id_field=id_field,
-                                seed=seed, **overrides)
+        frames[task] = run_task(routed, task, _llm_for(task, llm), tokenizer=tokenizer,
+                                text_field=text_field, id_field=id_field, seed=seed, **overrides)
     return frames
 
 
-def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict,
+def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict, *, tokenizer=None,
+                               text_field: str | None = None, id_field: str = "id", seed: int = 0,
                                quality_field: str = "bucketed_results", threshold: float = 11,
                                tasks=None, high_tasks=HIGH_QUALITY_TASKS,
-                               low_tasks=LOW_QUALITY_TASKS, tokenizer=None,
-                               text_field: str | None = None, id_field: str = "id", seed: int = 0,
+                               low_tasks=LOW_QUALITY_TASKS,
                                overwrite: bool = False, retry_failed: bool = False,
                                rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
                                show_progress: bool = True, gpu: bool = False) -> dict:
@@ -66,8 +66,10 @@ def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict,
         jobs = [Job(resolve_task(task, text_field), _llm_for(task, llm), as_path(output) / task,
                     Route(quality_field, float(threshold), high))
                 for task, high in _routes(tasks, high_tasks, low_tasks).items()]
-    reports = run_jobs(data, jobs, tokenizer, id_field, seed, overwrite, retry_failed,
-                       rows_per_partition, show_progress, gpu)
+    reports = run_jobs(data, jobs, tokenizer=tokenizer, id_field=id_field, seed=seed,
+                       overwrite=overwrite, retry_failed=retry_failed,
+                       rows_per_partition=rows_per_partition, show_progress=show_progress,
+                       gpu=gpu)
     io.atomic_write_bytes(as_path(output) / "report.json",
                           json.dumps(combine(reports), indent=1).encode())
     return reports

@@ -8,7 +8,6 @@ import dataclasses
 
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.generate import generate_partition
-from nemocc_dask.llm.preflight import preflight
 from nemocc_dask.presets import TaskPreset, get_preset
 from nemocc_dask.stages.postprocess import postprocess_partition, resolve_steps
 from nemocc_dask.stages.preprocess import preprocess_partition
@@ -33,10 +32,13 @@ def resolve_task(task: str | TaskPreset, text_field: str | None = None,
     return preset
 
 
-def preprocess(ddf, task: str | TaskPreset, tokenizer=None, text_field: str | None = None,
+def preprocess(ddf, task: str | TaskPreset, *, tokenizer=None, text_field: str | None = None,
                id_field: str = "id", **overrides):
-    """Segments ready for prompting: every input column plus ``document_token_count``,
-    ``segment_id`` and ``segment_token_count`` (lazy, partition-wise, no shuffle)."""
+    """Segments ready for prompting (lazy, partition-wise, no shuffle).
+
+    Reads columns: the text field (``text``) and ``id_field``. Writes columns: every input column
+    plus ``document_token_count``, ``segment_id`` and ``segment_token_count``; one row per
+    segment."""
     preset = resolve_task(task, text_field, **overrides)
     require_columns(ddf.columns, {"text": preset.input_field, "id": id_field})
     kwargs = dict(preset=preset, tokenizer=tokenizer, text_field=preset.input_field,
@@ -45,27 +47,38 @@ def preprocess(ddf, task: str | TaskPreset, tokenizer=None, text_field: str | No
     return ddf.map_partitions(preprocess_partition, **kwargs, meta=meta)
 
 
-def generate(ddf, task: str | TaskPreset, llm: LLMConfig, tokenizer=None,
-             text_field: str | None = None, check_endpoint: bool = True, **overrides):
-    """Add the task's output field, ``llm_finish_reason``, ``llm_prompt_tokens``,
-    ``llm_completion_tokens``, ``llm_error``, ``llm_model`` and ``task`` to every row (lazy).
+def generate(ddf, task: str | TaskPreset, llm: LLMConfig, *, tokenizer=None,
+             text_field: str | None = None, journal_dir=None, check_endpoint: bool = True,
+             **overrides):
+    """Send one request per row (lazy).
 
-    The endpoint is checked at once (``GET /models``) unless ``check_endpoint=False``. On a
-    distributed cluster the workers share ``llm.max_in_flight`` through the scheduler.
+    Reads columns: the task's input field (``text``). Writes columns: the task's output field,
+    ``llm_finish_reason``, ``llm_prompt_tokens``, ``llm_completion_tokens``, ``llm_error``,
+    ``llm_model`` and ``task``, on every row. Building the graph sends nothing: the
+    endpoint is checked (``GET /models``) once per worker process when the first partition
+    runs, unless ``check_endpoint=False``. With ``journal_dir`` (a local path or URL) every
+    answer is journaled per partition there, so computing the result again (or a Dask retry of
+    a lost partition) reuses the answers instead of paying for them twice. On a distributed
+    cluster the workers share ``llm.max_in_flight`` through the scheduler.
     """
     preset = resolve_task(task, text_field, **overrides)
     require_columns(ddf.columns, {"text": preset.input_field})
-    if check_endpoint:
-        preflight(llm)
-    kwargs = dict(preset=preset, llm=llm, tokenizer=tokenizer)
+    kwargs = dict(preset=preset, llm=llm, tokenizer=tokenizer, check_endpoint=check_endpoint)
     meta = generate_partition(ddf._meta, **kwargs)
+    if journal_dir is not None:
+        kwargs["journal_dir"] = str(journal_dir)
     return ddf.map_partitions(generate_partition, **kwargs, meta=meta)
 
 
-def postprocess(ddf, task: str | TaskPreset, tokenizer=None, id_field: str = "id", seed: int = 0,
-                text_field: str | None = None, **overrides):
-    """The task's post-processing chain: one row per kept result (lazy). Rows removed by a step
-    are dropped here; ``run_to_parquet`` keeps them as rejects with their reason."""
+def postprocess(ddf, task: str | TaskPreset, *, tokenizer=None, text_field: str | None = None,
+                id_field: str = "id", seed: int = 0, **overrides):
+    """The task's post-processing chain (lazy).
+
+    Reads columns: the task's output field, ``id_field``, ``llm_error``/``llm_finish_reason``
+    when present (and ``text``, ``segment_id`` for the tasks that need them). Writes columns: the
+    cleaned output field, ``response_token_count``, ``output_token_count`` (re-joined Wikipedia
+    documents also ``segments_total``/``segments_kept``); one row per kept result. Rows removed
+    by a step are dropped here; ``run_to_parquet`` keeps them as rejects with their reason."""
     preset = resolve_task(task, text_field, **overrides)
     require_columns(ddf.columns, {"output": preset.output_field, "id": id_field})
     kwargs = dict(preset=preset, tokenizer=tokenizer, id_field=id_field, seed=seed)
@@ -73,11 +86,14 @@ def postprocess(ddf, task: str | TaskPreset, tokenizer=None, id_field: str = "id
     return ddf.map_partitions(postprocess_partition, **kwargs, meta=meta)
 
 
-def run_task(ddf, task: str | TaskPreset, llm: LLMConfig, tokenizer=None,
-             text_field: str | None = None, id_field: str = "id", seed: int = 0, **overrides):
-    """preprocess -> generate -> postprocess, lazy. Truncated and failed rows are not in the
-    result (use ``run_to_parquet`` to keep them as rejects)."""
+def run_task(ddf, task: str | TaskPreset, llm: LLMConfig, *, tokenizer=None,
+             text_field: str | None = None, id_field: str = "id", seed: int = 0,
+             journal_dir=None, **overrides):
+    """preprocess -> generate -> postprocess, lazy. Reads columns ``id_field`` and the text
+    field; writes what ``postprocess`` writes. Truncated and failed rows are not in the result
+    (use ``run_to_parquet`` to keep them as rejects). Without ``journal_dir`` each
+    compute of the result sends every request again; with it, answers are reused."""
     preset = resolve_task(task, text_field, **overrides)
-    segments = preprocess(ddf, preset, tokenizer, id_field=id_field)
-    generated = generate(segments, preset, llm, tokenizer)
-    return postprocess(generated, preset, tokenizer, id_field=id_field, seed=seed)
+    segments = preprocess(ddf, preset, tokenizer=tokenizer, id_field=id_field)
+    generated = generate(segments, preset, llm, tokenizer=tokenizer, journal_dir=journal_dir)
+    return postprocess(generated, preset, tokenizer=tokenizer, id_field=id_field, seed=seed)

@@ -32,7 +32,7 @@ from nemocc_dask.presets import TaskPreset
 from nemocc_dask.report import aggregate
 from nemocc_dask.stages.route import Route
 from nemocc_dask.storage import as_path, is_remote, refresh
-from nemocc_dask.tokenizer import tokenizer_name
+from nemocc_dask.tokenizer import load_tokenizer, prompt_overhead_tokens, tokenizer_name
 
 logger = logging.getLogger(__name__)
 __all__ = ["Job", "OutputError", "run_jobs", "run_to_parquet"]
@@ -167,6 +167,21 @@ def _load_input(data, rows_per_partition: int, id_field: str):
     return data, None, {"dask_token": dask.base.tokenize(data)}, data.npartitions
 
 
+def _warn_without_chat_template(tokenizer: str | None, presets: list[TaskPreset]) -> None:
+    """Say so when a tokenizer the user chose has no chat template: prompt overheads are then
+    estimated from the plain prompt text, which misses the template's tokens."""
+    if tokenizer is None:  # the bundled default: counted as the reference counts
+        return
+    tok = load_tokenizer(tokenizer)
+    if getattr(tok, "chat_template", None):
+        return
+    estimates = ", ".join(f"{p.name} {prompt_overhead_tokens(tok, p)}" for p in presets)
+    logger.warning("tokenizer %s has no chat template: each prompt's overhead is estimated from "
+                   "its plain text (%s tokens), without the tokens the model's chat template "
+                   "adds; point --tokenizer at the model's folder (with tokenizer_config.json) "
+                   "to count them", tokenizer, estimates)
+
+
 def _register_pool_plugin() -> None:
     """Have every worker (also ones that join later) close its client pools when it closes."""
     try:
@@ -279,7 +294,7 @@ def _schedule(jobs: list[Job], parts: list, plans: dict, retry_failed: bool):
     return tasks, out_dirs, pending, redone
 
 
-def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str = "id",
+def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: str = "id",
              seed: int = 0, overwrite: bool = False, retry_failed: bool = False,
              rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
              show_progress: bool = True, gpu: bool = False) -> dict[str, dict]:
@@ -302,6 +317,7 @@ def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str 
             if job.route is not None:
                 needed["quality"] = job.route.field
             require_columns(ddf.columns, needed)
+        _warn_without_chat_template(tokenizer, [job.preset for job in jobs])
         materials = {job.preset.name: fingerprint(job, inputs, tokenizer, seed, id_field)
                      for job in jobs}
         modes = {job.preset.name: check_output(job.out_dir, materials[job.preset.name], overwrite)
@@ -309,6 +325,10 @@ def run_jobs(data, jobs: list[Job], tokenizer: str | None = None, id_field: str 
         for job in jobs:
             preflight(job.llm)
         input_rows = io.check_ids(ids if ids is not None else ddf, id_field)
+    for job in jobs:
+        logger.info("task %s: %d partitions, endpoint(s) %s, model %r, tokenizer %s, output %s",
+                    job.preset.name, n_parts, ", ".join(job.llm.endpoints), job.llm.model,
+                    tokenizer_name(tokenizer), job.out_dir)
     with contextlib.ExitStack() as locks:
         for job in jobs:
             locks.enter_context(OutputLock(job.out_dir))
@@ -344,8 +364,9 @@ def _write_report(job: Job, n_parts: int, ran: int, input_rows: int, seconds: fl
     return report
 
 
-def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, tokenizer: str | None = None,
-                   text_field: str | None = None, id_field: str = "id", seed: int = 0,
+def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, *,
+                   tokenizer: str | None = None, text_field: str | None = None,
+                   id_field: str = "id", seed: int = 0,
                    overwrite: bool = False, retry_failed: bool = False,
                    rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
                    show_progress: bool = True, gpu: bool = False, **overrides) -> dict:
@@ -360,5 +381,7 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, tokeniz
     with start_checks():
         preset = resolve_task(task, text_field, **overrides)
     job = Job(preset, llm, as_path(output))
-    return run_jobs(data, [job], tokenizer, id_field, seed, overwrite, retry_failed,
-                    rows_per_partition, show_progress, gpu)[preset.name]
+    return run_jobs(data, [job], tokenizer=tokenizer, id_field=id_field, seed=seed,
+                    overwrite=overwrite, retry_failed=retry_failed,
+                    rows_per_partition=rows_per_partition, show_progress=show_progress,
+                    gpu=gpu)[preset.name]

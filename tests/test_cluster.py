@@ -115,3 +115,45 @@ def test_a_scheduler_without_workers_is_a_clear_error():
             with pytest.raises(ClusterError, match="no Dask worker joined within 1 s"):
                 make_client(scheduler=cluster.scheduler_address)
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not _slurm_running(),
+                    reason="sbatch/slurmctld not available (start one with .ci/slurm_setup.sh)")
+def test_adaptive_slurm_cluster_runs_under_the_budget(tmp_path):
+    """--adapt 1:2: the run waits for the first worker job, the cluster may grow to two, the
+    endpoint never sees more than the budget, and every job is gone afterwards."""
+    from nemocc_dask import LLMConfig
+    from nemocc_dask.llm.mock import MockLLMServer
+    from nemocc_dask.runner import run_to_parquet
+
+    from conftest import make_docs
+
+    path = tmp_path / "docs.parquet"
+    make_docs(80, paragraphs=1).to_parquet(path)
+    client = make_client("slurm", adapt="1:2", queue="debug", cores=1, memory="2GB",
+                         walltime="00:10:00", interface="lo",
+                         log_directory=str(tmp_path / "logs"),
+                         scheduler_options={"host": "127.0.0.1", "dashboard_address": None})
+    try:
+        assert len(client.scheduler_info(n_workers=-1)["workers"]) >= 1  # waited for one
+        with MockLLMServer(latency=0.2, track_in_flight=True) as server:
+            report = run_to_parquet(path, tmp_path / "out", "distill",
+                                    LLMConfig(base_url=server.base_url, model="mock",
+                                              max_in_flight=6),
+                                    rows_per_partition=10, show_progress=False)
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+    assert report["accounted"] and report["documents_in"] == 80
+    assert server.stats.max_in_flight <= 6
+    for _ in range(30):
+        queued = subprocess.run(["squeue", "-h", "-n", "dask-worker"], capture_output=True,
+                                text=True).stdout.strip()
+        if not queued:
+            break
+        time.sleep(1)
+    assert not queued, f"SLURM worker jobs still queued: {queued}"

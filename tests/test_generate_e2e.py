@@ -103,16 +103,38 @@ def test_prompt_too_long_is_not_sent():
 
 
 def test_preflight_errors_name_the_fix():
+    """The endpoint check runs when the first partition is computed (not while the graph is
+    built) and names the fix."""
     with MockLLMServer(api_key="right-key") as server:
         with pytest.raises(PreflightError, match="refused the API key"):
             generate(_ddf(4, 1), "distill", LLMConfig(base_url=server.base_url, model="mock",
-                                                      api_key="wrong"))
+                                                      api_key="wrong")).compute(scheduler="sync")
         with pytest.raises(PreflightError, match="not served.*mock"):
             generate(_ddf(4, 1), "distill", LLMConfig(base_url=server.base_url, model="gpt-x",
-                                                      api_key="right-key"))
+                                                      api_key="right-key")
+                     ).compute(scheduler="sync")
         url = server.base_url
     with pytest.raises(PreflightError, match="cannot reach endpoint"):
-        generate(_ddf(4, 1), "distill", LLMConfig(base_url=url, model="mock"))
+        generate(_ddf(4, 1), "distill", LLMConfig(base_url=url, model="mock",
+                                                  timeout=5)).compute(scheduler="sync")
+
+
+def test_building_a_graph_sends_nothing_and_journal_dir_makes_recompute_free(tmp_path,
+                                                                            cluster_client):
+    docs = make_docs(12)
+    with MockLLMServer(record_messages=True) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock")
+        out = run_task(dd.from_pandas(docs, npartitions=3), "distill", llm,
+                       journal_dir=tmp_path / "journal")
+        assert server.stats.requests == 0 and not server.stats.authorization  # no GET either
+        first = out.compute()
+        sent = server.stats.requests
+        second = out.compute()
+        assert server.stats.requests == sent  # every answer came from the journal
+    assert sent == 12 and len(list((tmp_path / "journal").glob("part-*.jsonl"))) == 3
+    key = ["id", "segment_id"]
+    pd.testing.assert_frame_equal(first.sort_values(key).reset_index(drop=True),
+                                  second.sort_values(key).reset_index(drop=True))
 
 
 def test_missing_columns_are_named():
@@ -121,3 +143,24 @@ def test_missing_columns_are_named():
         preprocess(ddf, "distill")
     with pytest.raises(ValueError, match="id column 'id' not found"):
         preprocess(ddf, "distill", text_field="body")
+
+
+def test_a_busy_endpoint_is_told_apart_from_a_dead_one():
+    """A server that accepts connections but does not answer gets longer waits and its own
+    message; a closed port fails at once with 'cannot reach'."""
+    import socket
+    import time
+
+    from nemocc_dask.llm.preflight import preflight
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(8)  # the kernel accepts connections; nobody ever answers
+    url = f"http://127.0.0.1:{busy.getsockname()[1]}/v1"
+    started = time.monotonic()
+    with pytest.raises(PreflightError, match="is up .* did not answer GET /models within 0.5 s"):
+        preflight(LLMConfig(base_url=url, model="m"), timeouts=(0.2, 0.3))
+    assert time.monotonic() - started >= 0.5
+    busy.close()
+    with pytest.raises(PreflightError, match="cannot reach endpoint"):
+        preflight(LLMConfig(base_url=url, model="m"), timeouts=(0.2, 0.3))

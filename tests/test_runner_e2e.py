@@ -304,3 +304,6 @@ def test_demo_command_end_to_end(tmp_path):
     assert report["documents_in"] == 300 and report["rows_written"] > 0
     assert_report_adds_up(report)
     assert "documents written" in done.stdout and "INFO distributed" not in done.stderr
+    # only the package's own lines at default verbosity: no third-party advisories or warnings
+    for noise in ("[transformers]", "PyTorch", "Warning", "distributed."):
+        assert noise not in done.stderr, done.stderr

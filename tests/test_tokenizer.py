@@ -93,3 +93,19 @@ def test_known_counts_are_reused_and_extended(tokenizer):
     counts = count_tokens_list(tokenizer, ["already counted", "new text", "new text"], known=known)
     assert counts[0] == 999 and counts[1] == counts[2] == len(tokenizer.encode("new text"))
     assert known["new text"] == counts[1]
+
+
+def test_a_chosen_tokenizer_without_chat_template_is_named_in_a_warning(tmp_path, tokenizer,
+                                                                        caplog):
+    from nemocc_dask.presets import PRESETS
+    from nemocc_dask.runner import _warn_without_chat_template
+
+    path = tmp_path / "tokenizer.json"
+    tokenizer.backend_tokenizer.save(str(path))
+    with caplog.at_level("WARNING", logger="nemocc_dask.runner"):
+        _warn_without_chat_template(None, [PRESETS["distill"]])
+        assert not caplog.records  # the bundled default is counted as the reference counts
+        _warn_without_chat_template(str(path), [PRESETS["distill"]])
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "no chat template" in message and str(path) in message and "distill" in message

@@ -103,7 +103,8 @@ class LLMConfig:
     def endpoints(self) -> tuple[str, ...]:
         """Endpoint names: the base URLs, or one pseudo-endpoint for a custom client."""
         if self.client_factory is not None:
-            name = getattr(self.client_factory, "__qualname__", type(self.client_factory).__name__)
+            factory = getattr(self.client_factory, "func", self.client_factory)  # partial
+            name = getattr(factory, "__qualname__", type(factory).__name__)
             return (f"custom:{name}",)
         return self.base_url
 

@@ -15,6 +15,7 @@ from typing import Iterator
 from nemocc_dask import storage
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.pool import Request, Result, get_pool
+from nemocc_dask.llm.preflight import preflight_once
 from nemocc_dask.presets import TaskPreset
 from nemocc_dask.stages.backend import series_like, to_host_list
 from nemocc_dask.tokenizer import count_tokens_list, load_tokenizer, prompt_overhead_tokens
@@ -159,14 +160,19 @@ def _count_endpoint(stats: dict, record: dict) -> None:
 
 def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
                        journal_path: str | None = None, retry_failed: bool = False,
-                       return_stats: bool = False):
+                       return_stats: bool = False, check_endpoint: bool = False,
+                       journal_dir: str | None = None, partition_info: dict | None = None):
     """Add the task's output field and the ``llm_*`` columns to one partition of segments.
 
     Reads the preset's input field. A prompt longer than ``max_input_tokens`` is not sent (error
     ``prompt_too_long``); identical prompts are sent once. With ``journal_path``, answers already
     journaled are reused (failed ones only without ``retry_failed``) and new ones are appended as
-    they arrive. Returns the frame, or (frame, stats) with ``return_stats``.
+    they arrive (``journal_dir``: one journal per partition number there, for ``generate``).
+    ``check_endpoint``: check the endpoint once in this process before the first request.
+    Returns the frame, or (frame, stats) with ``return_stats``.
     """
+    if journal_dir is not None and partition_info is not None:
+        journal_path = f"{journal_dir.rstrip('/')}/part-{partition_info['number']:05d}.jsonl"
     tok = load_tokenizer(tokenizer)
     texts = to_host_list(df[preset.input_field])
     settings = llm.request_settings(preset)
@@ -198,6 +204,8 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
         else:
             pending[key] = Request(key, messages, settings)
     if pending:
+        if check_endpoint:
+            preflight_once(llm)
         _send(pending, get_pool(llm), journal, records, stats, known)
     stats["failed_requests"] = sum(1 for r in records.values() if r.get("error"))
     stats["retries"] = stats["attempts"] - stats["requests"]

@@ -112,6 +112,7 @@ class MockStats:
     in_flight_samples: list = field(default_factory=list)  # (time, in flight) with track_in_flight
     messages: list = field(default_factory=list)       # with record_messages
     authorization: list = field(default_factory=list)  # with record_messages
+    headers: list = field(default_factory=list)        # with record_messages
 
 
 class MockLLMServer:
@@ -148,6 +149,7 @@ class MockLLMServer:
     def _authorized(self, request) -> bool:
         if self.record_messages:
             self.stats.authorization.append(request.headers.get("Authorization", ""))
+            self.stats.headers.append(dict(request.headers))
         return self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}"
 
     @staticmethod

@@ -512,10 +512,19 @@ def _attach_to_worker() -> None:
 def _factories(llm: LLMConfig, window: int) -> list[tuple[str, Callable[[], Any]]]:
     """(endpoint name, client factory) per endpoint; ``window`` bounds each client's connections."""
     if llm.client_factory is not None:
-        return [(llm.endpoints[0], llm.client_factory)]
+        return [(llm.endpoints[0], lambda: _adapt(llm.client_factory(), llm))]
     return [(url, lambda url=url: OpenAIHTTPClient(url, llm.api_key, llm.timeout, window,
                                                    llm.return_all_choices))
             for url in llm.base_url]
+
+
+def _adapt(client, llm: LLMConfig):
+    """A client from ``llm.client_factory``: ours as it is, an openai SDK client wrapped."""
+    from nemocc_dask.llm.openai_sdk import OpenAISDKClient, is_openai_sdk_client
+
+    if is_openai_sdk_client(client):
+        return OpenAISDKClient(client, llm.timeout, llm.return_all_choices)
+    return client
 
 
 def new_pool(llm: LLMConfig, window: int, budget=None) -> WorkerPool:

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import urllib.error
 import urllib.request
 
 from nemocc_dask.errors import StartError
 from nemocc_dask.llm.config import LLMConfig
 
+logger = logging.getLogger(__name__)
+
 
 class PreflightError(StartError):
     """The endpoint cannot serve this run; the message says what to fix."""
+
+
+class _NoAnswerYet(Exception):
+    """The endpoint accepted the connection but did not answer in time."""
 
 
 def _get_models(url: str, api_key: str | None, timeout: float) -> list[str]:
@@ -29,6 +37,8 @@ def _get_models(url: str, api_key: str | None, timeout: float) -> list[str]:
         raise PreflightError(f"endpoint {url} answered HTTP {exc.code} to GET /models; check that "
                              "--base-url points at an OpenAI-compatible API (usually ending in /v1)"
                              ) from None
+    except TimeoutError:  # connected, then no answer: up but busy (or loading its model)
+        raise _NoAnswerYet() from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise PreflightError(f"cannot reach endpoint {url} ({reason}); is the server running and "
@@ -39,13 +49,43 @@ def _get_models(url: str, api_key: str | None, timeout: float) -> list[str]:
     return [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
 
 
-def preflight(llm: LLMConfig, timeout: float = 10.0) -> None:
+_CHECKED: set[str] = set()
+_CHECKED_LOCK = threading.Lock()
+
+
+def preflight_once(llm: LLMConfig) -> None:
+    """``preflight`` the first time this process sends with these settings; later calls return."""
+    key = llm.pool_key()
+    with _CHECKED_LOCK:
+        if key in _CHECKED:
+            return
+        preflight(llm)
+        _CHECKED.add(key)
+
+
+def _models_when_ready(url: str, api_key: str | None, timeouts: tuple[float, ...]) -> list[str]:
+    """GET /models, waiting longer each time while the server is up but does not answer."""
+    for timeout in timeouts:
+        try:
+            return _get_models(url, api_key, timeout)
+        except _NoAnswerYet:
+            logger.warning("endpoint %s is up but did not answer GET /models within %g s; "
+                           "waiting longer", url, timeout)
+    raise PreflightError(
+        f"endpoint {url} is up (it accepted the connection) but did not answer GET /models "
+        f"within {sum(timeouts):g} s in all: is it busy, or still loading its model? Rerun "
+        "once it answers (curl BASE_URL/models)")
+
+
+def preflight(llm: LLMConfig, timeouts: tuple[float, ...] = (10.0, 30.0, 60.0)) -> None:
     """Raise PreflightError unless every endpoint is reachable, accepts the key and serves the
-    model. Custom clients are not checked."""
+    model. A server that accepts the connection but answers slowly is given ``timeouts`` one
+    after the other before giving up; one that refuses it fails at once. Custom clients are not
+    checked."""
     if llm.client_factory is not None:
         return
     for url in llm.base_url:
-        models = _get_models(url, llm.api_key, timeout)
+        models = _models_when_ready(url, llm.api_key, timeouts)
         if llm.model not in models:
             shown = ", ".join(models[:20]) or "none"
             raise PreflightError(f"model {llm.model!r} is not served by {url}; it serves: {shown}. "
