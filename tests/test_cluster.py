@@ -47,11 +47,21 @@ def _slurm_running() -> bool:
         return False
 
 
-@pytest.mark.slow
-@pytest.mark.slurm
-@pytest.mark.timeout(300)
-@pytest.mark.skipif(not _slurm_running(),
-                    reason="sbatch/slurmctld not available (start one with .ci/slurm_setup.sh)")
+def slurm_test(timeout: int = 300):
+    """The marks of a test that needs sbatch and a running slurmctld (.ci/slurm_setup.sh)."""
+    marks = (pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(timeout),
+             pytest.mark.skipif(not _slurm_running(), reason="sbatch/slurmctld not available "
+                                "(start one with .ci/slurm_setup.sh)"))
+
+    def apply(fn):
+        for mark in marks:
+            fn = mark(fn)
+        return fn
+
+    return apply
+
+
+@slurm_test()
 def test_pipeline_on_slurm_workers(tmp_path):
     from nemocc_dask import LLMConfig
     from nemocc_dask.llm.mock import MockLLMServer
@@ -117,11 +127,7 @@ def test_a_scheduler_without_workers_is_a_clear_error():
     assert time.monotonic() - started < 30
 
 
-@pytest.mark.slow
-@pytest.mark.slurm
-@pytest.mark.timeout(300)
-@pytest.mark.skipif(not _slurm_running(),
-                    reason="sbatch/slurmctld not available (start one with .ci/slurm_setup.sh)")
+@slurm_test()
 def test_adaptive_slurm_cluster_runs_under_the_budget(tmp_path):
     """--adapt 1:2: the run waits for the first worker job, the cluster may grow to two, the
     endpoint never sees more than the budget, and every job is gone afterwards."""

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from nemocc_dask.llm.mock import MockLLMServer
 from nemocc_dask.runner import run_to_parquet
 
 from conftest import make_docs
-from test_cluster import _slurm_running
+from test_cluster import slurm_test
 from test_runner_e2e import answers_so_far, read_parts
 
 pytestmark = pytest.mark.slow
@@ -100,10 +99,7 @@ exit "$status"
 """
 
 
-@pytest.mark.slurm
-@pytest.mark.timeout(600)
-@pytest.mark.skipif(not _slurm_running(),
-                    reason="sbatch/slurmctld not available (start one with .ci/slurm_setup.sh)")
+@slurm_test(timeout=600)
 def test_slurm_job_signalled_mid_run_is_requeued_and_finishes(tmp_path, cluster_client):
     docs = _docs(tmp_path, 120)
     expected, reference_requests = _reference(tmp_path, docs, cluster_client)

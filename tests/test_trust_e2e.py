@@ -3,7 +3,6 @@ a resume with other partitions refused, refused runs that leave the folder as it
 Wikipedia documents, a broken endpoint or client stopping the run, stable reject files, the lock."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import dask.dataframe as dd
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
