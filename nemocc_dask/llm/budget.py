@@ -149,6 +149,13 @@ class BudgetLink:
         self.holder = f"{worker.address}/{uuid.uuid4().hex[:8]}"
         self._registered = False
 
+    def on_worker_loop(self) -> bool:
+        """Whether the caller runs on the worker's event loop (which ``exchange`` needs free)."""
+        try:
+            return asyncio.get_running_loop() is self._worker.loop.asyncio_loop
+        except RuntimeError:
+            return False
+
     async def exchange(self, reports: dict[str, dict]) -> dict[str, int]:
         """Send this holder's per-endpoint counts; returns the new cap per endpoint."""
         future = asyncio.run_coroutine_threadsafe(self._exchange(reports),

@@ -209,6 +209,7 @@ class WorkerPool:
         """Report to the allocator and apply the caps it grants, until the pool closes."""
         from nemocc_dask.llm.budget import IDLE_REPORT_SECONDS, REPORT_SECONDS
 
+        answered = False
         while not self.closed:
             reports = self._budget_reports()
             try:
@@ -216,11 +217,15 @@ class WorkerPool:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._stop_dispatching(
-                    "the cluster-wide in-flight budget is not reachable on the scheduler "
-                    f"({type(exc).__name__}: {exc}); install nemocc_dask where the scheduler "
-                    "runs, or give each worker a fixed share with --max-in-flight-per-worker")
-                return
+                if not answered:  # never reached: nothing may be sent without a share
+                    self._stop_dispatching(
+                        "the cluster-wide in-flight budget is not reachable on the scheduler "
+                        f"({type(exc).__name__}: {exc}); install nemocc_dask where the scheduler "
+                        "runs, or give each worker a fixed share with --max-in-flight-per-worker")
+                    return
+                await asyncio.sleep(REPORT_SECONDS)  # a hiccup: keep the caps, ask again
+                continue
+            answered = True
             for endpoint in self.endpoints:
                 endpoint.cap = int(grants.get(endpoint.name, 0))
             self._dispatch()
@@ -434,13 +439,16 @@ class WorkerPool:
         if self.closed:
             return
         self.closed = True
+        # From the worker's own event loop (worker teardown) the scheduler cannot be asked; the
+        # allocator frees a leaving worker's room by itself.
+        give_back = self._budget is not None and not self._budget.on_worker_loop()
 
         async def shutdown():
             current = asyncio.current_task()
             for task in asyncio.all_tasks():
                 if task is not current:
                     task.cancel()
-            if self._budget is not None:  # give the room back now rather than when it goes stale
+            if give_back:  # give the room back now rather than when it goes stale
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._budget.exchange(self._budget_reports(True)), 2)
             for endpoint in self.endpoints:
