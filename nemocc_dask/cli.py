@@ -44,6 +44,9 @@ def _add_endpoint_options(p: argparse.ArgumentParser, required: bool = True) -> 
                         "by the workers that have work (default 64)")
     g.add_argument("--max-in-flight-per-worker", type=int,
                    help="instead, a fixed number per endpoint on every worker")
+    g.add_argument("--max-model-len", type=int,
+                   help="the served model's context (default: what /models reports, if anything);"
+                        " prompts that cannot fit with max_tokens are not sent")
     g.add_argument("--max-retries", type=int, default=5)
     g.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
     g.add_argument("--temperature", type=float)
@@ -92,6 +95,7 @@ def _llm_from_args(args) -> LLMConfig:
         return LLMConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
                          max_in_flight=args.max_in_flight,
                          max_in_flight_per_worker=args.max_in_flight_per_worker,
+                         max_model_len=args.max_model_len,
                          max_retries=args.max_retries,
                          timeout=args.timeout, temperature=args.temperature, top_p=args.top_p,
                          top_k=args.top_k, max_tokens=args.max_tokens, stop=args.stop,
@@ -251,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--latency", type=float, default=0.2, help="fixed seconds per request")
     mock.add_argument("--per-token-latency", type=float, default=0.002)
     mock.add_argument("--max-concurrency", type=int, default=2048)
+    mock.add_argument("--max-model-len", type=int, help="served context reported by /v1/models")
     mock.add_argument("--rate-429", type=float, default=0.0)
     mock.add_argument("--rate-500", type=float, default=0.0)
     mock.add_argument("--rate-drop", type=float, default=0.0)

@@ -6,6 +6,7 @@ folder changes, lock the folder, skip finished partitions (or redo those with fa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -167,6 +168,21 @@ def _load_input(data, rows_per_partition: int, id_field: str):
     return data, None, {"dask_token": dask.base.tokenize(data)}, data.npartitions
 
 
+def _with_served_context(job: Job, context: int | None) -> Job:
+    """``job`` with the served context in its LLMConfig (prompts that cannot fit are then not
+    sent), warning when the context is smaller than the task needs."""
+    if not context:
+        return job
+    needed = job.preset.max_input_tokens + (job.llm.request_settings(job.preset).get("max_tokens")
+                                            or 0)
+    if context < needed:
+        logger.warning("task %s needs a context of %d tokens (max input %d + max output) but the "
+                       "model is served with %d: longer prompts are not sent (prompt_too_long in "
+                       "rejects/); serve it with a larger context or lower max_input_tokens",
+                       job.preset.name, needed, job.preset.max_input_tokens, context)
+    return dataclasses.replace(job, llm=dataclasses.replace(job.llm, max_model_len=context))
+
+
 def _warn_without_chat_template(tokenizer: str | None, presets: list[TaskPreset]) -> None:
     """Say so when a tokenizer the user chose has no chat template: prompt overheads are then
     estimated from the plain prompt text, which misses the template's tokens."""
@@ -322,8 +338,7 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                      for job in jobs}
         modes = {job.preset.name: check_output(job.out_dir, materials[job.preset.name], overwrite)
                  for job in jobs}
-        for job in jobs:
-            preflight(job.llm)
+        jobs = [_with_served_context(job, preflight(job.llm)) for job in jobs]
         input_rows = io.check_ids(ids if ids is not None else ddf, id_field)
     for job in jobs:
         logger.info("task %s: %d partitions, endpoint(s) %s, model %r, tokenizer %s, output %s",

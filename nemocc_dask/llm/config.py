@@ -39,6 +39,10 @@ class LLMConfig:
     temperature, top_p, top_k, max_tokens, seed, stop, n, extra_body:
         Generation settings; ``None`` takes the task preset's value. ``top_k`` is sent (as an extra
         body field) only when set.
+    max_model_len:
+        The served model's context (prompt + answer tokens). Default: what the endpoint reports in
+        ``GET /models`` (vLLM's ``max_model_len``), else unknown. A prompt that cannot fit with
+        ``max_tokens`` is not sent (``prompt_too_long``).
     max_failed_fraction, failure_min_requests:
         The failure budget: once an endpoint has finished ``failure_min_requests`` requests and
         more than ``max_failed_fraction`` of them failed (after retries), it gets no more
@@ -60,6 +64,7 @@ class LLMConfig:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     endpoint_cooldown: float = 5.0
+    max_model_len: int | None = None
     max_failed_fraction: float = 0.5
     failure_min_requests: int = 50
     temperature: float | None = None
@@ -96,6 +101,8 @@ class LLMConfig:
             raise ValueError(f"max_failed_fraction must be in (0, 1] (got {self.max_failed_fraction})")
         if self.failure_min_requests < 1:
             raise ValueError(f"failure_min_requests must be >= 1 (got {self.failure_min_requests})")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len})")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0 (got {self.max_retries})")
 

@@ -164,8 +164,9 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
                        journal_dir: str | None = None, partition_info: dict | None = None):
     """Add the task's output field and the ``llm_*`` columns to one partition of segments.
 
-    Reads the preset's input field. A prompt longer than ``max_input_tokens`` is not sent (error
-    ``prompt_too_long``); identical prompts are sent once. With ``journal_path``, answers already
+    Reads the preset's input field. A prompt longer than ``max_input_tokens``, or than the served
+    context (``llm.max_model_len``) minus ``max_tokens``, is not sent (error ``prompt_too_long``);
+    identical prompts are sent once. With ``journal_path``, answers already
     journaled are reused (failed ones only without ``retry_failed``) and new ones are appended as
     they arrive (``journal_dir``: one journal per partition number there, for ``generate``).
     ``check_endpoint``: check the endpoint once in this process before the first request.
@@ -173,9 +174,13 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
     """
     if journal_dir is not None and partition_info is not None:
         journal_path = f"{journal_dir.rstrip('/')}/part-{partition_info['number']:05d}.jsonl"
+    context = llm.max_model_len
+    if check_endpoint and len(df):
+        context = preflight_once(llm)
     tok = load_tokenizer(tokenizer)
     texts = to_host_list(df[preset.input_field])
     settings = llm.request_settings(preset)
+    limit, why = prompt_limit(preset.max_input_tokens, context, settings.get("max_tokens"))
     overhead = prompt_overhead_tokens(tok, preset)
     lengths = count_tokens_list(tok, texts, add_special_tokens=False)
     stats = new_stats()
@@ -188,9 +193,8 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
         if not isinstance(text, str) or not text:
             row_keys.append("invalid_text: the input text is missing or empty")
             continue
-        if n_tokens + overhead > preset.max_input_tokens:
-            row_keys.append(f"prompt_too_long: {n_tokens + overhead} tokens > max_input_tokens "
-                            f"{preset.max_input_tokens}")
+        if n_tokens + overhead > limit:
+            row_keys.append(f"prompt_too_long: {n_tokens + overhead} tokens > {why}")
             continue
         messages = preset.messages(text)
         key = request_key(messages, settings)
@@ -204,13 +208,22 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
         else:
             pending[key] = Request(key, messages, settings)
     if pending:
-        if check_endpoint:
-            preflight_once(llm)
         _send(pending, get_pool(llm), journal, records, stats, known)
     stats["failed_requests"] = sum(1 for r in records.values() if r.get("error"))
     stats["retries"] = stats["attempts"] - stats["requests"]
     out = _with_results(df, preset, llm, row_keys, records, stats)
     return (out, stats) if return_stats else out
+
+
+def prompt_limit(max_input_tokens: int, context: int | None,
+                 max_tokens: int | None) -> tuple[int, str]:
+    """The most tokens a prompt may have, and the reason: the task's ``max_input_tokens``, or
+    less when the served context minus the answer's ``max_tokens`` is smaller."""
+    if context and context - (max_tokens or 0) < max_input_tokens:
+        limit = context - (max_tokens or 0)
+        return limit, (f"{limit} (the served context {context} minus max_tokens "
+                       f"{max_tokens or 0})")
+    return max_input_tokens, f"max_input_tokens {max_input_tokens}"
 
 
 def _send(pending: dict[str, Request], pool, journal: Journal | None, records: dict,

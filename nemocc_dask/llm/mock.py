@@ -123,7 +123,11 @@ class MockLLMServer:
                  rate_429: float = 0.0, rate_500: float = 0.0, rate_drop: float = 0.0,
                  retry_after: float = 0.05, fail_marker: str | None = None,
                  api_key: str | None = None, record_messages: bool = False,
-                 track_in_flight: bool = False, seed: int = 0):
+                 track_in_flight: bool = False, seed: int = 0, max_model_len: int | None = None):
+        """``max_model_len``: the served context, reported by ``GET /v1/models`` (as vLLM does);
+        a request whose prompt (counted with the mock's own ~4-characters-a-token rule) plus
+        ``max_tokens`` exceeds it is refused with HTTP 400, as a real server refuses it."""
+        self.max_model_len = max_model_len
         self.host, self.port = host, port
         self.models = tuple(models)
         self.latency, self.per_token_latency = latency, per_token_latency
@@ -165,7 +169,9 @@ class MockLLMServer:
         if not self._authorized(request):
             return self._error(401, "invalid API key")
         return web.json_response({"object": "list", "data": [
-            {"id": m, "object": "model", "owned_by": "nemocc-mock"} for m in self.models]})
+            {"id": m, "object": "model", "owned_by": "nemocc-mock",
+             **({"max_model_len": self.max_model_len} if self.max_model_len else {})}
+            for m in self.models]})
 
     async def _chat(self, request):
         from aiohttp import web
@@ -184,6 +190,13 @@ class MockLLMServer:
         if self.fail_marker and self.fail_marker in user:
             stats.rejected_400 += 1
             return self._error(400, "this prompt is rejected by the mock server")
+        if self.max_model_len:
+            prompt = sum(count_fake_tokens(m.get("content") or "") for m in messages)
+            if prompt + int(body.get("max_tokens") or 0) > self.max_model_len:
+                stats.rejected_400 += 1
+                return self._error(400, f"This model's maximum context length is "
+                                        f"{self.max_model_len} tokens; the request has {prompt} "
+                                        f"prompt tokens and max_tokens {body.get('max_tokens')}")
         draw = self._rng.random()
         rate_429, rate_500, rate_drop = self.rates
         if draw < rate_429:

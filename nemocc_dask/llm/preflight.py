@@ -46,21 +46,21 @@ def _get_models(url: str, api_key: str | None, timeout: float) -> list[str]:
     except ValueError:
         raise PreflightError(f"endpoint {url} did not answer GET /models with JSON; check that "
                              "--base-url points at an OpenAI-compatible API") from None
-    return [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
+    return [m for m in data.get("data", []) if isinstance(m, dict)]
 
 
-_CHECKED: set[str] = set()
+_CHECKED: dict[str, int | None] = {}
 _CHECKED_LOCK = threading.Lock()
 
 
-def preflight_once(llm: LLMConfig) -> None:
-    """``preflight`` the first time this process sends with these settings; later calls return."""
+def preflight_once(llm: LLMConfig) -> int | None:
+    """``preflight`` the first time this process sends with these settings (later calls return
+    the first call's answer): the served context, if known."""
     key = llm.pool_key()
     with _CHECKED_LOCK:
-        if key in _CHECKED:
-            return
-        preflight(llm)
-        _CHECKED.add(key)
+        if key not in _CHECKED:
+            _CHECKED[key] = preflight(llm)
+        return _CHECKED[key]
 
 
 def _models_when_ready(url: str, api_key: str | None, timeouts: tuple[float, ...]) -> list[str]:
@@ -77,16 +77,22 @@ def _models_when_ready(url: str, api_key: str | None, timeouts: tuple[float, ...
         "once it answers (curl BASE_URL/models)")
 
 
-def preflight(llm: LLMConfig, timeouts: tuple[float, ...] = (10.0, 30.0, 60.0)) -> None:
+def preflight(llm: LLMConfig, timeouts: tuple[float, ...] = (10.0, 30.0, 60.0)) -> int | None:
     """Raise PreflightError unless every endpoint is reachable, accepts the key and serves the
-    model. A server that accepts the connection but answers slowly is given ``timeouts`` one
-    after the other before giving up; one that refuses it fails at once. Custom clients are not
-    checked."""
+    model; return the served context (``llm.max_model_len``, else the smallest ``max_model_len``
+    the endpoints report for the model, else None). A server that accepts the connection but
+    answers slowly is given ``timeouts`` one after the other before giving up; one that refuses
+    it fails at once. Custom clients are not checked."""
     if llm.client_factory is not None:
-        return
+        return llm.max_model_len
+    contexts = []
     for url in llm.base_url:
-        models = _models_when_ready(url, llm.api_key, timeouts)
+        entries = _models_when_ready(url, llm.api_key, timeouts)
+        models = [m.get("id") for m in entries]
+        contexts += [m["max_model_len"] for m in entries
+                     if m.get("id") == llm.model and isinstance(m.get("max_model_len"), int)]
         if llm.model not in models:
-            shown = ", ".join(models[:20]) or "none"
+            shown = ", ".join(str(m) for m in models[:20]) or "none"
             raise PreflightError(f"model {llm.model!r} is not served by {url}; it serves: {shown}. "
                                  "Pass one of these with --model")
+    return llm.max_model_len or min(contexts, default=None)
