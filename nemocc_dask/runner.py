@@ -359,12 +359,13 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                         sum(redone.values()))
         with Progress([j.out_dir for j in jobs], len(tasks), show_progress) as progress:
             _compute(tasks, out_dirs, progress)
-        return {job.preset.name: _write_report(job, n_parts, pending[job.preset.name],
+        return {job.preset.name: _write_report(job, tokenizer, n_parts, pending[job.preset.name],
                                                input_rows, time.time() - started)
                 for job in jobs}
 
 
-def _write_report(job: Job, n_parts: int, ran: int, input_rows: int, seconds: float) -> dict:
+def _write_report(job: Job, tokenizer: str | None, n_parts: int, ran: int, input_rows: int,
+                  seconds: float) -> dict:
     """Sum the job's partition stats into ``report.json``; RunError if the counts do not add up."""
     refresh(job.out_dir)
     stats = [json.loads(p.read_text()) for p in sorted((job.out_dir / "stats").glob("*.json"))]
@@ -372,6 +373,8 @@ def _write_report(job: Job, n_parts: int, ran: int, input_rows: int, seconds: fl
                        expected_partitions=n_parts)
     report["task"] = job.preset.name
     report["fingerprint"] = json.loads((job.out_dir / MANIFEST).read_text())["fingerprint"]
+    report["tokenizer"] = tokenizer_name(tokenizer)
+    report["served_context"] = job.llm.max_model_len
     io.atomic_write_bytes(job.out_dir / "report.json", json.dumps(report, indent=1).encode())
     if not report["accounted"]:
         raise RunError(f"task {job.preset.name}: the counts in {job.out_dir / 'report.json'} do "
