@@ -5,9 +5,9 @@ The driver's one pass over a gzip file (which finds each partition's first line)
 bytes, and saves that index to ``nemocc.gzip-index-dir`` (default: the system temp folder), named by
 the file's path, size and modification time. A worker that finds the index reads its point table,
 takes the one point before its partition's first line (reading only that point's window) and seeks
-from there: at most ``SPACING`` bytes decompressed per partition. One that does not (no shared index folder on a multi-node
-cluster, ``indexed_gzip`` missing) decompresses from the start of the file, which is slower but gives
-the same rows. On multi-node clusters point ``DASK_NEMOCC__GZIP_INDEX_DIR`` at a shared folder.
+from there: at most ``SPACING`` bytes (or one deflate block) decompressed per partition. One that
+does not (no shared index folder on a multi-node cluster, ``indexed_gzip`` missing) decompresses
+from the start of the file, which is slower but gives the same rows. On multi-node clusters point ``DASK_NEMOCC__GZIP_INDEX_DIR`` at a shared folder.
 """
 
 from __future__ import annotations

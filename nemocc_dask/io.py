@@ -96,24 +96,20 @@ def _parquet_pieces(path: Path, rows_per_partition: int) -> list[Piece]:
 def _read_parquet_rows(path: str, start: int, stop: int, columns=None):
     """Rows ``[start, stop)`` of a parquet file as an Arrow table, reading only the row groups
     that overlap them."""
-    with storage.as_path(path).open("rb") as fh:
-        return _row_range(fh, start, stop, columns)
-
-
-def _row_range(source, start: int, stop: int, columns=None):
     import pyarrow.parquet as pq
 
-    handle = pq.ParquetFile(source)
-    groups, first_row, offset = [], None, 0
-    for group in range(handle.metadata.num_row_groups):
-        n = handle.metadata.row_group(group).num_rows
-        if offset < stop and offset + n > start:
-            groups.append(group)
-            first_row = offset if first_row is None else first_row
-        offset += n
-    if not groups:
-        return handle.schema_arrow.empty_table().select(columns or handle.schema_arrow.names)
-    table = handle.read_row_groups(groups, columns=columns)
+    with storage.as_path(path).open("rb") as fh:
+        handle = pq.ParquetFile(fh)
+        groups, first_row, offset = [], None, 0
+        for group in range(handle.metadata.num_row_groups):
+            n = handle.metadata.row_group(group).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(group)
+                first_row = offset if first_row is None else first_row
+            offset += n
+        if not groups:
+            return handle.schema_arrow.empty_table().select(columns or handle.schema_arrow.names)
+        table = handle.read_row_groups(groups, columns=columns)
     return table.slice(start - first_row, stop - start)
 
 

@@ -164,22 +164,25 @@ class OutputLock:
                 logger.warning("cannot refresh the lock %s: %s", self.path, exc)
 
     def __enter__(self) -> "OutputLock":
-        if storage.is_remote(self.path):  # no exclusive create there: check, then write
-            check_lock(self.path.parent)
-            io.atomic_write_bytes(self.path, self._contents())
-            self._thread.start()
-            return self
+        if not self._created_exclusively():
+            check_lock(self.path.parent)  # raises if a live run holds it
+            io.atomic_write_bytes(self.path, self._contents())  # take it (over a stale one)
+        self._thread.start()
+        return self
+
+    def _created_exclusively(self) -> bool:
+        """Create the lock file if none exists (locally, atomically); False when one exists or
+        the store has no exclusive create (object stores: the lock is advisory there)."""
+        if storage.is_remote(self.path):
+            return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            check_lock(self.path.parent)  # raises if a live run holds it
-            io.atomic_write_bytes(self.path, self._contents())  # take over a stale lock
-        else:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(self._contents())
-        self._thread.start()
-        return self
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(self._contents())
+        return True
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

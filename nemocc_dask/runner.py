@@ -23,6 +23,7 @@ from nemocc_dask import io
 from nemocc_dask.errors import ConfigError, Preempted, RunError, StartError
 from nemocc_dask.gpu import to_gpu
 from nemocc_dask.llm.config import LLMConfig
+from nemocc_dask.llm.generate import prompt_limit
 from nemocc_dask.llm.preflight import preflight
 from nemocc_dask.output_folder import (MANIFEST, OutputError, OutputLock, check_output,
                                        prepare_output)
@@ -114,22 +115,21 @@ class Progress:
             counts[3] += record.get("completion_tokens") or 0
 
     def finished(self, out_dir: Path, stats: dict) -> None:
-        """Count partition ``stats["partition"]`` of ``out_dir`` as done with its own numbers."""
-        self.done += 1
+        """Count partition ``stats["partition"]`` of ``out_dir`` as done with its own numbers
+        (once, however often it is reported)."""
         path = journal_path(out_dir, stats["partition"])
+        if path in self._finished:
+            return
+        self.done += 1
         self._finished[path] = (stats["requests"], stats["failed_requests"],
                                 stats["completion_tokens"])
         self._live.pop(path, None)
 
     def line(self) -> str:
         elapsed = max(1e-9, time.time() - self._started)
-        live = list(self._live.items())
-        answers = sum(c[1] for p, c in live if p not in self._finished) + sum(
-            f[0] for f in self._finished.values())
-        errors = sum(c[2] for p, c in live if p not in self._finished) + sum(
-            f[1] for f in self._finished.values())
-        tokens = sum(c[3] for p, c in live if p not in self._finished) + sum(
-            f[2] for f in self._finished.values())
+        rows = [tuple(c[1:]) for p, c in list(self._live.items()) if p not in self._finished]
+        rows += list(self._finished.values())
+        answers, errors, tokens = (sum(column) for column in zip((0, 0, 0), *rows))
         return (f"partitions {self.done}/{self.total} | answers {answers} | "
                 f"{answers / elapsed:.1f} req/s | {tokens / elapsed:.0f} tok/s | "
                 f"errors {errors} | {elapsed:.0f} s")
@@ -173,13 +173,15 @@ def _with_served_context(job: Job, context: int | None) -> Job:
     sent), warning when the context is smaller than the task needs."""
     if not context:
         return job
-    needed = job.preset.max_input_tokens + (job.llm.request_settings(job.preset).get("max_tokens")
-                                            or 0)
-    if context < needed:
+    max_tokens = job.llm.request_settings(job.preset).get("max_tokens") or 0
+    limit, _ = prompt_limit(job.preset.max_input_tokens, context, max_tokens)
+    if limit < job.preset.max_input_tokens:
         logger.warning("task %s needs a context of %d tokens (max input %d + max output) but the "
-                       "model is served with %d: longer prompts are not sent (prompt_too_long in "
-                       "rejects/); serve it with a larger context or lower max_input_tokens",
-                       job.preset.name, needed, job.preset.max_input_tokens, context)
+                       "model is served with %d: prompts over %d tokens are not sent "
+                       "(prompt_too_long in rejects/); serve it with a larger context or lower "
+                       "max_input_tokens", job.preset.name,
+                       job.preset.max_input_tokens + max_tokens, job.preset.max_input_tokens,
+                       context, limit)
     return dataclasses.replace(job, llm=dataclasses.replace(job.llm, max_model_len=context))
 
 
@@ -198,17 +200,24 @@ def _warn_without_chat_template(tokenizer: str | None, presets: list[TaskPreset]
                    "to count them", tokenizer, estimates)
 
 
-def _register_pool_plugin() -> None:
-    """Have every worker (also ones that join later) close its client pools when it closes."""
+def _distributed_client():
+    """The current ``distributed`` client, or None (no distributed, or no client)."""
     try:
         from distributed import get_client
 
+        return get_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _register_pool_plugin() -> None:
+    """Have every worker (also ones that join later) close its client pools when it closes."""
+    client = _distributed_client()
+    if client is not None:
         from nemocc_dask.llm.pool import PLUGIN_NAME
         from nemocc_dask.llm.pool_plugin import PoolsPlugin
 
-        get_client().register_plugin(PoolsPlugin(), name=PLUGIN_NAME)
-    except (ImportError, ValueError):
-        pass
+        client.register_plugin(PoolsPlugin(), name=PLUGIN_NAME)
 
 
 class StopRequested(BaseException):
@@ -258,17 +267,16 @@ def _compute(tasks: list, out_dirs: list[Path], progress: Progress) -> None:
     """Run the partition tasks (task i writes into ``out_dirs[i]``) on the distributed client if
     there is one, else locally. On the first failed partition the others are cancelled and its
     exception is raised. SIGTERM drains the run (see ``_drain``) and raises Preempted."""
-    try:
-        from distributed import as_completed, get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
+    client = _distributed_client()
+    if client is None:
         for out_dir, stats in zip(out_dirs, dask.compute(*tasks)):
             progress.finished(out_dir, stats)
         return
-    with contextlib.suppress(Exception):
-        from nemocc_dask.llm.pool import drain_pools
+    from distributed import as_completed
 
+    from nemocc_dask.llm.pool import drain_pools
+
+    with contextlib.suppress(Exception):
         client.run(drain_pools, None)  # workers kept from a stopped run send again
     futures = client.compute(tasks)
     where = {future.key: out_dir for future, out_dir in zip(futures, out_dirs)}

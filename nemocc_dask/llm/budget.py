@@ -175,13 +175,3 @@ class BudgetLink:
         if not isinstance(grants, dict):
             raise RuntimeError(f"the scheduler's {HANDLER} handler answered {grants!r}")
         return grants
-
-
-def current_worker():
-    """This process's Dask worker, or None outside one."""
-    try:
-        from distributed import get_worker
-
-        return get_worker()
-    except (ImportError, ValueError):
-        return None

@@ -48,12 +48,15 @@ class Journal:
         self.path = storage.as_path(path)
         self.chunks = self.path.parent / f"{self.path.name}.d"
 
+    def _chunk_files(self) -> list:
+        """The chunk objects written so far (object stores), in order."""
+        storage.refresh(self.chunks)
+        return sorted(self.chunks.glob("*.jsonl")) if self.chunks.exists() else []
+
     def _lines(self) -> Iterator[str]:
         if storage.is_remote(self.path):
-            storage.refresh(self.chunks)
-            if self.chunks.exists():
-                for chunk in sorted(self.chunks.glob("*.jsonl")):
-                    yield from chunk.read_text(encoding="utf-8").splitlines()
+            for chunk in self._chunk_files():
+                yield from chunk.read_text(encoding="utf-8").splitlines()
             return
         if self.path.exists():
             with open(self.path, encoding="utf-8") as fh:
@@ -75,9 +78,7 @@ class Journal:
         opened for appending, a torn last line first ended so that the next record starts on a
         line of its own."""
         if storage.is_remote(self.path):
-            storage.refresh(self.chunks)
-            taken = [int(c.stem) for c in self.chunks.glob("*.jsonl")] if self.chunks.exists() \
-                else []
+            taken = [int(c.stem) for c in self._chunk_files()]
             return _ChunkSink(self.chunks, max(taken, default=0) + 1, self.CHUNK_RECORDS,
                               self.CHUNK_SECONDS)
         self.path.parent.mkdir(parents=True, exist_ok=True)

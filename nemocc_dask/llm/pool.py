@@ -9,7 +9,7 @@ one. An endpoint whose connections keep failing is taken out for a cool-down; it
 the others.
 
 The cap: on a Dask worker, the pool's share of the cluster-wide ``max_in_flight``, learned from the
-scheduler's allocator (``budget``) about every quarter second; with ``max_in_flight_per_worker``, or
+scheduler's allocator (``budget``) about every 0.1 s; with ``max_in_flight_per_worker``, or
 outside a Dask worker, a fixed number.
 
 Failure budget: an endpoint whose finished requests fail more than ``max_failed_fraction`` of the
@@ -504,14 +504,18 @@ def close_pools() -> None:
 atexit.register(close_pools)  # for pools outside Dask workers (threaded or sync scheduler)
 
 
-def _attach_to_worker() -> None:
-    """Make sure this process's Dask worker (if any) closes the pools when it closes."""
+def _current_worker():
+    """This process's Dask worker, or None outside one (distributed is imported only here)."""
     try:
         from distributed import get_worker
 
-        worker = get_worker()
+        return get_worker()
     except (ImportError, ValueError):
-        return
+        return None
+
+
+def _attach_to_worker(worker) -> None:
+    """Make sure ``worker`` closes this process's pools when it closes."""
     from nemocc_dask.llm.pool_plugin import PoolsPlugin
 
     worker.plugins.setdefault(PLUGIN_NAME, PoolsPlugin())
@@ -543,16 +547,16 @@ def new_pool(llm: LLMConfig, window: int, budget=None) -> WorkerPool:
                       llm.max_failed_fraction, llm.failure_min_requests, budget)
 
 
-def _new_pool_here(llm: LLMConfig) -> WorkerPool:
+def _new_pool_here(llm: LLMConfig, worker) -> WorkerPool:
     """A pool as ``llm`` asks for it in this process: a fixed ``max_in_flight_per_worker``; on a
     Dask worker, a share of the cluster-wide ``max_in_flight``; elsewhere all of it."""
     if llm.max_in_flight_per_worker:
         return new_pool(llm, llm.max_in_flight_per_worker)
-    from nemocc_dask.llm.budget import BudgetLink, current_worker
+    if worker is None:
+        return new_pool(llm, llm.max_in_flight)
+    from nemocc_dask.llm.budget import BudgetLink
 
-    worker = current_worker()
-    budget = BudgetLink(worker, llm.max_in_flight) if worker is not None else None
-    return new_pool(llm, llm.max_in_flight, budget)
+    return new_pool(llm, llm.max_in_flight, BudgetLink(worker, llm.max_in_flight))
 
 
 def get_pool(llm: LLMConfig) -> WorkerPool:
@@ -560,11 +564,13 @@ def get_pool(llm: LLMConfig) -> WorkerPool:
     replaced, the broken one closed once its requests on the wire are answered; while the
     worker drains, the drained pool is kept so that nothing more is sent)."""
     key = llm.pool_key()
-    _attach_to_worker()
+    worker = _current_worker()
+    if worker is not None:
+        _attach_to_worker(worker)
     with _POOLS_LOCK:
         pool = old = _POOLS.get(key)
         if pool is None or pool.closed or (pool.broken and not _DRAINING):
-            pool = _new_pool_here(llm)
+            pool = _new_pool_here(llm, worker)
             pool.registry_key = key
             _POOLS[key] = pool
             if _DRAINING:
