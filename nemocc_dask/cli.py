@@ -63,8 +63,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", action="append", required=True,
                    help="parquet/JSONL file or folder (repeatable)")
     p.add_argument("--output", required=True, help="output folder (resumed when rerun)")
-    p.add_argument("--tokenizer", help="HF name in the local cache, folder or tokenizer.json "
-                                       "(default: bundled offline Qwen2.5 tokenizer)")
+    p.add_argument("--tokenizer", help="HF name in the local cache, folder, tokenizer.json, "
+                                       ".gguf or 'bundled' (default: the served model's, found "
+                                       "through the server's /tokenize or locally; else the "
+                                       "bundled Qwen2.5)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-row sampling (diverse_qa)")
@@ -178,7 +180,7 @@ def cmd_demo(args) -> int:
     from nemocc_dask.runner import run_to_parquet
 
     out = Path(args.output or Path(tempfile.gettempdir()) / "nemocc-dask-demo")
-    with MockLLMServer(latency=0.05, per_token_latency=0.0005) as server:
+    with MockLLMServer(latency=0.05, per_token_latency=0.0005, tokenizer="bundled") as server:
         llm = LLMConfig(base_url=server.base_url, model="mock", max_in_flight=64)
         print(f"mock LLM server on {server.base_url}; sample corpus {io.SAMPLE_PATH}",
               file=sys.stderr)
@@ -197,7 +199,10 @@ def cmd_serve_mock(args) -> int:
     serve_forever(port=args.port, models=tuple(args.model or ["mock"]), latency=args.latency,
                   per_token_latency=args.per_token_latency, max_concurrency=args.max_concurrency,
                   rate_429=args.rate_429, rate_500=args.rate_500, rate_drop=args.rate_drop,
-                  api_key=os.environ.get(args.api_key_env) if args.api_key_env else None)
+                  api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
+                  max_model_len=args.max_model_len, tokenizer=args.tokenizer,
+                  tokenize_route=not args.no_tokenize_route, capacity=args.capacity,
+                  knee=args.knee, metrics=not args.no_metrics, retry_after=args.retry_after)
     return 0
 
 
@@ -256,7 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--per-token-latency", type=float, default=0.002)
     mock.add_argument("--max-concurrency", type=int, default=2048)
     mock.add_argument("--max-model-len", type=int, help="served context reported by /v1/models")
+    mock.add_argument("--tokenizer", default="bundled",
+                      help="the served model's tokenizer (tokenizer.json, folder or .gguf; "
+                           "default: the bundled Qwen2.5): counts prompts, serves POST /tokenize")
+    mock.add_argument("--no-tokenize-route", action="store_true",
+                      help="with --tokenizer, do not serve POST /tokenize")
+    mock.add_argument("--capacity", type=int,
+                      help="decode like a continuous-batching server: at most this many "
+                           "sequences at once, the rest queued (per token: per-token-latency * "
+                           "(1 + decoding / knee))")
+    mock.add_argument("--knee", type=float, help="with --capacity (default: the capacity)")
+    mock.add_argument("--no-metrics", action="store_true",
+                      help="do not serve GET /metrics (vLLM's running/waiting gauges)")
     mock.add_argument("--rate-429", type=float, default=0.0)
+    mock.add_argument("--retry-after", type=float, default=0.05,
+                      help="Retry-After seconds sent with injected 429s")
     mock.add_argument("--rate-500", type=float, default=0.0)
     mock.add_argument("--rate-drop", type=float, default=0.0)
     mock.add_argument("--api-key-env", help="require the key in this environment variable")

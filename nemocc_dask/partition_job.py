@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -44,7 +45,7 @@ class PartitionPlan:
     preset: TaskPreset
     llm: LLMConfig
     out_dir: str
-    tokenizer: str | None = None
+    tokenizer: Any = None  # a spec for load_tokenizer, or a ServedTokenizer
     id_field: str = "id"
     seed: int = 0
     retry_failed: bool = False

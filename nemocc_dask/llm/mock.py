@@ -109,6 +109,9 @@ class MockStats:
     injected_500: int = 0
     dropped: int = 0
     rejected_400: int = 0
+    tokenize_requests: int = 0
+    arrivals: list = field(default_factory=list)   # time.monotonic() of each chat request
+    throttled: list = field(default_factory=list)  # time.monotonic() of each 429 answer
     in_flight_samples: list = field(default_factory=list)  # (time, in flight) with track_in_flight
     messages: list = field(default_factory=list)       # with record_messages
     authorization: list = field(default_factory=list)  # with record_messages
@@ -123,11 +126,34 @@ class MockLLMServer:
                  rate_429: float = 0.0, rate_500: float = 0.0, rate_drop: float = 0.0,
                  retry_after: float = 0.05, fail_marker: str | None = None,
                  api_key: str | None = None, record_messages: bool = False,
-                 track_in_flight: bool = False, seed: int = 0, max_model_len: int | None = None):
+                 track_in_flight: bool = False, seed: int = 0, max_model_len: int | None = None,
+                 tokenizer: str | None = None, tokenize_route: bool = True,
+                 capacity: int | None = None, knee: float | None = None, metrics: bool = True):
         """``max_model_len``: the served context, reported by ``GET /v1/models`` (as vLLM does);
-        a request whose prompt (counted with the mock's own ~4-characters-a-token rule) plus
-        ``max_tokens`` exceeds it is refused with HTTP 400, as a real server refuses it."""
+        a request whose prompt plus ``max_tokens`` exceeds it is refused with HTTP 400, as a real
+        server refuses it. Prompts are counted with ``tokenizer`` (the served model's: a
+        ``tokenizer.json``, folder or ``.gguf``; its chat template when it has one), else with the
+        mock's own ~4-characters-a-token rule. With a tokenizer and ``tokenize_route``, the mock
+        also serves ``POST /tokenize`` in vLLM's shape (``{"model", "prompt"|"messages"}`` ->
+        ``{"count", "tokens"}``) and llama.cpp's (``{"content"}`` -> ``{"tokens"}``), and
+        llama.cpp's ``POST /apply-template``.
+
+        ``capacity``: decode like a continuous-batching server (``mock_engine.DecodeEngine``: at
+        most ``capacity`` sequences at once, the rest queued; each token takes
+        ``per_token_latency * (1 + b / knee)`` with ``b`` decoding; ``knee`` defaults to
+        ``capacity``) instead of a fixed latency per token. ``metrics``: serve ``GET /metrics``
+        in vLLM's Prometheus format (``vllm:num_requests_running``,
+        ``vllm:num_requests_waiting``). ``POST /mock/capacity {"capacity": N}`` changes the
+        capacity while serving."""
         self.max_model_len = max_model_len
+        self.capacity, self.knee, self.metrics = capacity, knee, metrics
+        self._engine = None
+        self._tokenizer = None
+        if tokenizer is not None:
+            from nemocc_dask.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(tokenizer)
+        self.tokenize_route = tokenize_route and tokenizer is not None
         self.host, self.port = host, port
         self.models = tuple(models)
         self.latency, self.per_token_latency = latency, per_token_latency
@@ -178,6 +204,7 @@ class MockLLMServer:
 
         stats = self.stats
         stats.requests += 1
+        stats.arrivals.append(time.monotonic())
         if not self._authorized(request):
             return self._error(401, "invalid API key")
         body = await request.json()
@@ -191,7 +218,7 @@ class MockLLMServer:
             stats.rejected_400 += 1
             return self._error(400, "this prompt is rejected by the mock server")
         if self.max_model_len:
-            prompt = sum(count_fake_tokens(m.get("content") or "") for m in messages)
+            prompt = self._prompt_tokens(messages)
             if prompt + int(body.get("max_tokens") or 0) > self.max_model_len:
                 stats.rejected_400 += 1
                 return self._error(400, f"This model's maximum context length is "
@@ -201,6 +228,7 @@ class MockLLMServer:
         rate_429, rate_500, rate_drop = self.rates
         if draw < rate_429:
             stats.injected_429 += 1
+            stats.throttled.append(time.monotonic())
             return self._error(429, "rate limited", {"Retry-After": f"{self.retry_after:g}"})
         if draw < rate_429 + rate_500:
             stats.injected_500 += 1
@@ -215,17 +243,27 @@ class MockLLMServer:
         max_tokens = body.get("max_tokens")
         if max_tokens is not None and completion_tokens > max_tokens:
             answer, completion_tokens, finish = answer[: max_tokens * 4], max_tokens, "length"
-        async with self._semaphore:
+        if self._engine is not None:
             stats.in_flight += 1
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
             try:
-                delay = self.latency + self.per_token_latency * completion_tokens
-                if delay:
-                    await asyncio.sleep(delay)
+                if self.latency:
+                    await asyncio.sleep(self.latency)
+                await self._engine.decode(completion_tokens)
             finally:
                 stats.in_flight -= 1
+        else:
+            async with self._semaphore:
+                stats.in_flight += 1
+                stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+                try:
+                    delay = self.latency + self.per_token_latency * completion_tokens
+                    if delay:
+                        await asyncio.sleep(delay)
+                finally:
+                    stats.in_flight -= 1
         stats.completed += 1
-        prompt_tokens = sum(count_fake_tokens(m.get("content") or "") for m in messages)
+        prompt_tokens = self._prompt_tokens(messages)
         n = int(body.get("n") or 1)
         return web.json_response({
             "id": f"mock-{stats.requests}", "object": "chat.completion", "created": int(time.time()),
@@ -236,14 +274,89 @@ class MockLLMServer:
                       "total_tokens": prompt_tokens + completion_tokens},
         })
 
+    def _prompt_tokens(self, messages: list[dict]) -> int:
+        tok = self._tokenizer
+        if tok is None:
+            return sum(count_fake_tokens(m.get("content") or "") for m in messages)
+        if getattr(tok, "chat_template", None):
+            return len(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                               return_dict=False))
+        return len(tok.encode("\n".join(m.get("content") or "" for m in messages)))
+
+    async def _tokenize(self, request):
+        """vLLM's or llama.cpp's ``/tokenize``, by the shape of the body."""
+        from aiohttp import web
+
+        self.stats.tokenize_requests += 1
+        if not self._authorized(request):
+            return self._error(401, "invalid API key")
+        body, tok = await request.json(), self._tokenizer
+        if "content" in body:
+            return web.json_response({"tokens": tok.encode(
+                body["content"], add_special_tokens=bool(body.get("add_special", False)))})
+        if body.get("model") not in self.models:
+            return self._error(404, f"The model `{body.get('model')}` does not exist.")
+        if "messages" in body:
+            ids = tok.apply_chat_template(
+                body["messages"], tokenize=True, return_dict=False,
+                add_generation_prompt=body.get("add_generation_prompt", True))
+        else:
+            ids = tok.encode(body.get("prompt", ""),
+                             add_special_tokens=body.get("add_special_tokens", True))
+        return web.json_response({"count": len(ids), "tokens": list(ids),
+                                  "max_model_len": self.max_model_len})
+
+    async def _apply_template(self, request):
+        """llama.cpp's ``/apply-template``: the chat template applied, as text."""
+        from aiohttp import web
+
+        body = await request.json()
+        return web.json_response({"prompt": self._tokenizer.apply_chat_template(
+            body["messages"], tokenize=False, add_generation_prompt=True)})
+
     async def _stats(self, request):
         """What the server saw so far, for benchmarks that run it in another process."""
         from aiohttp import web
 
-        stats = self.stats
-        return web.json_response({"requests": stats.requests, "completed": stats.completed,
-                                  "in_flight": stats.in_flight,
-                                  "max_in_flight": stats.max_in_flight})
+        stats, engine = self.stats, self._engine
+        answer = {"requests": stats.requests, "completed": stats.completed,
+                  "in_flight": stats.in_flight, "max_in_flight": stats.max_in_flight,
+                  "injected_429": stats.injected_429, "rejected_400": stats.rejected_400}
+        if engine is not None:
+            answer.update(capacity=engine.capacity, admitted=engine.admitted,
+                          queue_wait_total=engine.total_queue_wait,
+                          decoded_tokens=engine.decoded_tokens,
+                          max_tokens_per_second=engine.max_tokens_per_second())
+        if request.query.get("log"):
+            answer.update(arrivals=stats.arrivals, throttled=stats.throttled)
+        return web.json_response(answer)
+
+    def _running_waiting(self) -> tuple[int, int]:
+        if self._engine is not None:
+            return len(self._engine.running), len(self._engine.queue)
+        return min(self.stats.in_flight, self.max_concurrency), max(
+            0, self.stats.in_flight - self.max_concurrency)
+
+    async def _metrics(self, request):
+        """vLLM's scheduler gauges, in Prometheus text format."""
+        from aiohttp import web
+
+        running, waiting = self._running_waiting()
+        lines = []
+        for name, value, text in (("num_requests_running", running, "Requests decoding"),
+                                  ("num_requests_waiting", waiting, "Requests queued")):
+            lines += [f"# HELP vllm:{name} {text}.", f"# TYPE vllm:{name} gauge"]
+            lines += [f'vllm:{name}{{model_name="{m}"}} {float(value)}' for m in self.models[:1]]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def _set_capacity(self, request):
+        from aiohttp import web
+
+        body = await request.json()
+        if self._engine is None:
+            return self._error(400, "this mock was started without --capacity")
+        self._engine.capacity = int(body["capacity"])
+        return web.json_response({"capacity": self._engine.capacity})
 
     async def _sample_in_flight(self):
         while True:
@@ -255,10 +368,20 @@ class MockLLMServer:
         from aiohttp import web
 
         self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        if self.capacity:
+            from nemocc_dask.llm.mock_engine import DecodeEngine
+
+            self._engine = DecodeEngine(self.capacity, self.per_token_latency, self.knee)
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/mock/stats", self._stats)
+        app.router.add_post("/mock/capacity", self._set_capacity)
+        if self.metrics:
+            app.router.add_get("/metrics", self._metrics)
+        if self.tokenize_route:
+            app.router.add_post("/tokenize", self._tokenize)
+            app.router.add_post("/apply-template", self._apply_template)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=4096, reuse_address=True)
@@ -284,6 +407,8 @@ class MockLLMServer:
         async def shutdown():
             if self._sampler is not None:
                 self._sampler.cancel()
+            if self._engine is not None:
+                self._engine.close()
             await self._runner.cleanup()
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=30)
