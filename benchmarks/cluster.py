@@ -26,6 +26,7 @@ class Sampler:
         self.url = base_url.rsplit("/v1", 1)[0] + "/mock/stats"
         self.every = every
         self.samples: list[tuple[float, int, int]] = []  # (time, in flight, completed)
+        self.stats: list[tuple[float, dict]] = []  # (time, everything /mock/stats said)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -33,7 +34,9 @@ class Sampler:
         while not self._stop.wait(self.every):
             with urllib.request.urlopen(self.url, timeout=5) as answer:
                 stats = json.loads(answer.read())
-            self.samples.append((time.monotonic(), stats["in_flight"], stats["completed"]))
+            now = time.monotonic()
+            self.samples.append((now, stats["in_flight"], stats["completed"]))
+            self.stats.append((now, stats))
 
     def __enter__(self) -> "Sampler":
         self._thread.start()

@@ -24,8 +24,8 @@ class MockProcess:
 
     def __init__(self, port: int, **options):
         args = [sys.executable, "-m", "nemocc_dask.cli", "serve-mock", "--port", str(port)]
-        for key, value in options.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
+        for key, value in options.items():  # True: a flag without a value
+            args += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         self.base_url = json.loads(self.proc.stdout.readline())["base_url"]
 
@@ -51,7 +51,7 @@ def _requests(n: int, tag: str) -> list[Request]:
 
 def _ours_run(url: str, in_flight: int, n: int, tag: str, barrier=None) -> dict:
     """One client process's measurement of our pool: warm up, (wait for the others,) run ``n``."""
-    llm = LLMConfig(base_url=url, model="mock", backoff_base=0.05)
+    llm = LLMConfig(base_url=url, model="mock", backoff_base=0.05, max_in_flight=in_flight)
     pool = new_pool(llm, in_flight)
     list(pool.stream(_requests(min(n, in_flight), "warm" + tag)))  # open connections
     if barrier is not None:

@@ -39,9 +39,12 @@ def _add_endpoint_options(p: argparse.ArgumentParser, required: bool = True) -> 
     g.add_argument("--model", required=required, help="model name served by the endpoint")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default OPENAI_API_KEY)")
-    g.add_argument("--max-in-flight", type=int, default=64,
-                   help="requests in flight per endpoint across all workers together, shared "
-                        "by the workers that have work (default 64)")
+    g.add_argument("--max-in-flight", type=_in_flight, default="auto",
+                   help="requests in flight per endpoint across all workers together: 'auto' "
+                        "(default) learns each endpoint's capacity from its /metrics queue or "
+                        "its latency; a number fixes it")
+    g.add_argument("--max-in-flight-cap", type=int, default=4096,
+                   help="with auto: never more than this per endpoint (default 4096)")
     g.add_argument("--max-in-flight-per-worker", type=int,
                    help="instead, a fixed number per endpoint on every worker")
     g.add_argument("--max-model-len", type=int,
@@ -92,10 +95,21 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--slurm-walltime")
 
 
+def _in_flight(value: str):
+    """--max-in-flight: 'auto' or a positive integer."""
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {value!r}") from None
+
+
 def _llm_from_args(args) -> LLMConfig:
     with start_checks():
         return LLMConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
                          max_in_flight=args.max_in_flight,
+                         max_in_flight_cap=args.max_in_flight_cap,
                          max_in_flight_per_worker=args.max_in_flight_per_worker,
                          max_model_len=args.max_model_len,
                          max_retries=args.max_retries,

@@ -36,6 +36,7 @@ from nemocc_dask.report import aggregate
 from nemocc_dask.stages.route import Route
 from nemocc_dask.storage import as_path, is_remote, refresh
 from nemocc_dask.served_tokenizer import find_served_tokenizer
+from nemocc_dask.llm.telemetry import describe_endpoints, merge_series
 from nemocc_dask.tokenizer import BUNDLED, load_tokenizer, prompt_overhead_tokens, tokenizer_name
 
 logger = logging.getLogger(__name__)
@@ -73,14 +74,22 @@ def fingerprint(job: Job, inputs, tokenizer, seed: int, id_field: str) -> dict:
             "route": None if job.route is None else vars(job.route)}
 
 
+STATUS_SECONDS = 2.0  # how often the progress line asks for the endpoints' status
+
+
 class Progress:
     """A live status line: partitions done, answers received, req/s, tokens/s, errors.
 
     Answers of running partitions are read from their journals (so it works whatever the
     cluster); a finished partition counts what its stats say (its journal may be gone)."""
 
-    def __init__(self, out_dirs: list[Path], total_parts: int, enabled: bool = True):
+    def __init__(self, out_dirs: list[Path], total_parts: int, enabled: bool = True,
+                 endpoint_statuses=None):
+        """``endpoint_statuses``: a callable returning every pool's endpoint statuses (see
+        ``telemetry.describe_endpoints``), asked every ``STATUS_SECONDS``."""
         self.out_dirs, self.total = out_dirs, total_parts
+        self._statuses = endpoint_statuses
+        self._endpoints = ""
         self.done = 0
         self.enabled = enabled
         self._live: dict[Path, list[int]] = {}  # journal -> [offset, answers, errors, tokens]
@@ -132,15 +141,27 @@ class Progress:
         rows = [tuple(c[1:]) for p, c in list(self._live.items()) if p not in self._finished]
         rows += list(self._finished.values())
         answers, errors, tokens = (sum(column) for column in zip((0, 0, 0), *rows))
-        return (f"partitions {self.done}/{self.total} | answers {answers} | "
+        line = (f"partitions {self.done}/{self.total} | answers {answers} | "
                 f"{answers / elapsed:.1f} req/s | {tokens / elapsed:.0f} tok/s | "
                 f"errors {errors} | {elapsed:.0f} s")
+        return line + (f" || {self._endpoints}" if self._endpoints else "")
+
+    def _refresh_endpoints(self) -> None:
+        if self._statuses is None:
+            return
+        try:  # idle pools stop reporting: the line keeps the last status seen
+            self._endpoints = describe_endpoints(self._statuses()) or self._endpoints
+        except Exception as exc:  # a status is nice to have; the run goes on without it
+            logger.debug("no endpoint status: %s", exc)
 
     def _loop(self) -> None:
         tty = sys.stderr.isatty()
-        last = 0.0
+        last = asked = 0.0
         while not self._stop.wait(0.5):
             self._scan()
+            if time.time() - asked >= STATUS_SECONDS:
+                self._refresh_endpoints()
+                asked = time.time()
             if tty:
                 print("\r" + self.line(), end="", file=sys.stderr, flush=True)
             elif time.time() - last >= 10:
@@ -158,6 +179,38 @@ class Progress:
             self._thread.join()
             self._scan()
             print(("\r" if sys.stderr.isatty() else "") + self.line(), file=sys.stderr, flush=True)
+
+
+def _endpoint_statuses() -> dict[str, list[dict]]:
+    """Every pool's endpoint status: from the scheduler's budget allocator (the pools report
+    there), or from this process's pools without a cluster."""
+    client = _distributed_client()
+    if client is None:
+        from nemocc_dask.llm.pool import endpoint_statuses_here
+
+        return endpoint_statuses_here()
+    from nemocc_dask.llm.budget import endpoint_statuses
+
+    return client.run_on_scheduler(endpoint_statuses)
+
+
+def _endpoint_series(since: float) -> dict[str, list[dict]]:
+    """Per endpoint, the merged per-interval series of every worker's pools since ``since``
+    (workers that left took theirs with them)."""
+    from nemocc_dask.llm.pool import endpoint_series
+
+    client = _distributed_client()
+    try:
+        per_process = ([endpoint_series(since)] if client is None
+                       else list(client.run(endpoint_series, since).values()))
+    except Exception as exc:
+        logger.warning("no per-endpoint series for the report: %s", exc)
+        return {}
+    pools: dict[str, list[dict]] = {}
+    for series in per_process:
+        for name, buckets in series.items():
+            pools.setdefault(name, []).extend(buckets)
+    return {name: merge_series(buckets) for name, buckets in pools.items()}
 
 
 def _load_input(data, rows_per_partition: int, id_field: str):
@@ -384,16 +437,21 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
         if any(redone.values()):
             logger.info("retrying failed requests in %d finished partition(s)",
                         sum(redone.values()))
-        with Progress([j.out_dir for j in jobs], len(tasks), show_progress) as progress:
+        with Progress([j.out_dir for j in jobs], len(tasks), show_progress,
+                      _endpoint_statuses) as progress:
             _compute(tasks, out_dirs, progress)
-        return {job.preset.name: _write_report(job, tokenizers[job.preset.name], n_parts, pending[job.preset.name],
-                                               input_rows, time.time() - started)
+        series = _endpoint_series(started)
+        return {job.preset.name: _write_report(job, tokenizers[job.preset.name], n_parts,
+                                               pending[job.preset.name], input_rows,
+                                               time.time() - started, series)
                 for job in jobs}
 
 
 def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: int,
-                  seconds: float) -> dict:
-    """Sum the job's partition stats into ``report.json``; RunError if the counts do not add up."""
+                  seconds: float, series: dict[str, list[dict]]) -> dict:
+    """Sum the job's partition stats into ``report.json`` with the per-endpoint ``series``
+    (shared by the tasks of a run that use the same endpoint); RunError if the counts do not
+    add up."""
     refresh(job.out_dir)
     stats = [json.loads(p.read_text()) for p in sorted((job.out_dir / "stats").glob("*.json"))]
     report = aggregate(stats, seconds, n_parts - ran, expected_rows=input_rows,
@@ -402,6 +460,9 @@ def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: 
     report["fingerprint"] = json.loads((job.out_dir / MANIFEST).read_text())["fingerprint"]
     report["tokenizer"] = tokenizer_name(tokenizer)
     report["served_context"] = job.llm.max_model_len
+    report["max_in_flight"] = job.llm.max_in_flight
+    report["endpoint_series"] = {name: series[name] for name in job.llm.endpoints
+                                 if name in series}
     io.atomic_write_bytes(job.out_dir / "report.json", json.dumps(report, indent=1).encode())
     if not report["accounted"]:
         raise RunError(f"task {job.preset.name}: the counts in {job.out_dir / 'report.json'} do "

@@ -51,13 +51,15 @@ def test_backoff_honours_retry_after():
 
 def test_overload_shrinks_window_and_success_regrows_it():
     with MockLLMServer(rate_429=1.0, retry_after=0.0) as server:
-        llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=0)
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=0, max_in_flight=16)
         pool = new_pool(llm, 16)
         pool.endpoints[0].mean_latency = 0.0
         list(pool.stream(_requests(8)))
         shrunk = pool.endpoints[0].window
         server.rates = (0.0, 0.0, 0.0)
         list(pool.stream(_requests(40, tag="b")))
+        assert pool.endpoints[0].window < 16  # back by one slot per round trip, not per answer
+        list(pool.stream(_requests(400, tag="c")))
         pool.close()
     assert shrunk < 16
     assert pool.endpoints[0].window == 16

@@ -115,7 +115,7 @@ class SlowSyncClient:
 
 def test_sync_client_runs_a_full_window_at_once():
     client = SlowSyncClient()
-    pool = new_pool(LLMConfig(client_factory=lambda: client), 64)
+    pool = new_pool(LLMConfig(client_factory=lambda: client, max_in_flight=64), 64)
     results = list(pool.stream(_requests(128)))
     pool.close()
     assert len(results) == 128 and all(r.error is None for r in results)

@@ -46,6 +46,7 @@ class Holding:
     seen: float = 0.0
     peak_demand: int = 0
     peak_at: float = 0.0
+    status: dict | None = None  # the pool's view of the endpoint, for the progress line
 
     def remember_demand(self, demand: int, now: float) -> None:
         """Keep the peak demand of the last DEMAND_MEMORY_SECONDS, so that the short dips
@@ -93,13 +94,14 @@ class Allocator:
         self.endpoints: dict[str, dict[str, Holding]] = {}
 
     def report(self, endpoint: str, holder: str, worker: str, total: int, cap: int,
-               in_flight: int, demand: int, now: float) -> int:
+               in_flight: int, demand: int, now: float, status: dict | None = None) -> int:
         """Record one holder's report for ``endpoint``; returns its new cap."""
         holdings = self.endpoints.setdefault(endpoint, {})
         for key in [k for k, h in holdings.items() if now - h.seen > STALE_SECONDS]:
             del holdings[key]
         mine = holdings.setdefault(holder, Holding(worker=worker, total=total))
         mine.total, mine.cap, mine.in_flight, mine.seen = total, cap, in_flight, now
+        mine.status = status
         mine.remember_demand(demand, now)
         budget = min(h.total for h in holdings.values())
         target = fair_shares({k: h.peak_demand for k, h in holdings.items()}, budget)[holder]
@@ -114,6 +116,11 @@ class Allocator:
         for holdings in self.endpoints.values():
             for key in [k for k, h in holdings.items() if h.worker == worker]:
                 del holdings[key]
+
+    def statuses(self) -> dict[str, list[dict]]:
+        """Per endpoint, the latest status of each holder (see ``Endpoint.status``)."""
+        return {name: [h.status for h in holdings.values() if h.status]
+                for name, holdings in self.endpoints.items()}
 
     def in_use(self, endpoint: str) -> int:
         """The sum of what the holders of ``endpoint`` may have in flight."""
@@ -138,6 +145,12 @@ class BudgetPlugin(SchedulerPlugin):
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
         self.allocator.forget_worker(worker)
+
+
+def endpoint_statuses(dask_scheduler=None) -> dict[str, list[dict]]:
+    """Run on the scheduler (``client.run_on_scheduler``): every pool's latest endpoint status."""
+    plugin = (dask_scheduler.plugins.get(PLUGIN_NAME) if dask_scheduler is not None else None)
+    return plugin.allocator.statuses() if plugin is not None else {}
 
 
 class BudgetLink:

@@ -27,9 +27,14 @@ class LLMConfig:
         Explicit key; else read from the environment variable ``api_key_env`` (when set there).
         Never shown in ``repr``, logs, reports, journals or files.
     max_in_flight:
-        Requests in flight per endpoint across the whole cluster: the scheduler divides it among
-        the workers that have work, re-dividing as workers join, leave, idle or get busy (see
-        ``nemocc_dask.llm.budget``).
+        ``"auto"`` (default): each endpoint's window is learned (``nemocc_dask.llm.concurrency``:
+        the concurrency at which its throughput stops rising, from its ``/metrics`` queue or its
+        latency per token), never above ``max_in_flight_cap``. A number: that many requests in
+        flight per endpoint, fixed (429/503 still halve it for a while). Either way the total is
+        cluster-wide: the scheduler divides it among the workers that have work, re-dividing as
+        workers join, leave, idle or get busy (see ``nemocc_dask.llm.budget``).
+    max_in_flight_cap:
+        With ``"auto"``: the hard ceiling per endpoint across the cluster (default 4096).
     max_in_flight_per_worker:
         Instead, a fixed number per endpoint on each worker (the total is then workers x this).
     timeout, max_retries, backoff_base, backoff_max:
@@ -57,7 +62,8 @@ class LLMConfig:
     model: str = ""
     api_key: str | None = field(default=None, repr=False, compare=False)
     api_key_env: str = "OPENAI_API_KEY"
-    max_in_flight: int = 64
+    max_in_flight: int | str = "auto"
+    max_in_flight_cap: int = 4096
     max_in_flight_per_worker: int | None = None
     timeout: float = 120.0
     max_retries: int = 5
@@ -92,8 +98,12 @@ class LLMConfig:
         if self.client_factory is None and not self.model:
             raise ValueError("LLMConfig needs model= (the name the endpoint serves; "
                              "`curl BASE_URL/models` lists them)")
-        if self.max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1 (got {self.max_in_flight})")
+        if self.max_in_flight != "auto" and not (
+                isinstance(self.max_in_flight, int) and self.max_in_flight >= 1):
+            raise ValueError(f"max_in_flight must be 'auto' or an integer >= 1 (got "
+                             f"{self.max_in_flight!r})")
+        if self.max_in_flight_cap < 1:
+            raise ValueError(f"max_in_flight_cap must be >= 1 (got {self.max_in_flight_cap})")
         if self.max_in_flight_per_worker is not None and self.max_in_flight_per_worker < 1:
             raise ValueError("max_in_flight_per_worker must be >= 1 "
                              f"(got {self.max_in_flight_per_worker})")
@@ -105,6 +115,16 @@ class LLMConfig:
             raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len})")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0 (got {self.max_retries})")
+
+    @property
+    def auto_window(self) -> bool:
+        """Whether each endpoint's window is learned (``max_in_flight="auto"``)."""
+        return self.max_in_flight == "auto"
+
+    @property
+    def in_flight_total(self) -> int:
+        """Requests in flight per endpoint across the cluster, at most."""
+        return self.max_in_flight_cap if self.auto_window else int(self.max_in_flight)
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -138,6 +158,7 @@ class LLMConfig:
     def pool_key(self) -> str:
         """Identity of the per-worker pool these settings need (the key is never part of it)."""
         material = {"endpoints": list(self.endpoints), "max_in_flight": self.max_in_flight,
+                    "cap": self.max_in_flight_cap,
                     "per_worker": self.max_in_flight_per_worker, "timeout": self.timeout,
                     "retries": self.max_retries, "backoff": [self.backoff_base, self.backoff_max],
                     "cooldown": self.endpoint_cooldown,

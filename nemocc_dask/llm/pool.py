@@ -31,6 +31,7 @@ import atexit
 import collections
 import concurrent.futures
 import contextlib
+import logging
 import queue
 import random
 import threading
@@ -40,10 +41,16 @@ from typing import Any, Callable, Iterator
 
 from nemocc_dask.errors import Preempted, RunError
 from nemocc_dask.llm.client import Completion, LLMRequestError, OpenAIHTTPClient, RetryableError
+from nemocc_dask.llm.concurrency import Change, WindowController
 from nemocc_dask.llm.config import LLMConfig
+from nemocc_dask.llm.telemetry import INTERVAL_SECONDS, EndpointSeries, parse_queue_metrics
 
 CONNECTION_FAILURES_BEFORE_COOLDOWN = 3
 LIVENESS_CHECK_SECONDS = 1.0
+METRICS_SECONDS = 0.5
+METRICS_FAILURES_BEFORE_LATENCY = 3
+
+logger = logging.getLogger(__name__)
 
 
 class EndpointsBroken(RunError):
@@ -85,12 +92,19 @@ class Result:
 class Endpoint:
     """One endpoint's client, adaptive window and health."""
 
-    def __init__(self, name: str, client: Any, window: int, cap: int):
+    def __init__(self, name: str, client: Any, window: int, cap: int,
+                 controller: WindowController | None = None):
         self.name = name
         self.client = client
         self.max_window = window
         self.window = float(window)
         self.cap = cap
+        self.controller = controller
+        self.series = EndpointSeries()
+        self.answers = 0
+        self.unloaded: float | None = None  # the lowest latency per token seen
+        self.per_token: float | None = None  # latency per token, moving average
+        self.queue: tuple[int, int] | None = None  # the server's (running, waiting), if known
         self.in_flight = 0
         self.consecutive_connection_failures = 0
         self.cooldown_until = 0.0
@@ -101,14 +115,27 @@ class Endpoint:
         self.example_failure: str | None = None
         self.broken = False
 
+    def status(self) -> dict:
+        """What the progress line shows about this endpoint (sent with budget reports)."""
+        return {"window": self.window_now, "in_flight": self.in_flight, "answers": self.answers,
+                "errors": self.finished_failed, "latency": round(self.mean_latency, 4),
+                "per_token": self.per_token, "unloaded": self.unloaded,
+                "waiting": self.queue[1] if self.queue else None,
+                "paused": self.cooldown_until > time.monotonic()}
+
     def has_slot(self, now: float) -> bool:
         return (not self.broken and now >= self.cooldown_until
                 and self.in_flight < self.limit)
 
     @property
+    def window_now(self) -> int:
+        """The window: learned (``max_in_flight="auto"``), else the fixed one as 429s left it."""
+        return self.controller.window if self.controller else int(self.window)
+
+    @property
     def limit(self) -> int:
         """The most requests this endpoint may have in flight now."""
-        return min(self.cap, int(self.window))
+        return min(self.cap, self.window_now)
 
     def count_outcome(self, failure: str | None, max_failed_fraction: float,
                       min_requests: int) -> bool:
@@ -131,15 +158,33 @@ class Endpoint:
                 f"{self.finished_ok + self.finished_failed} requests failed, e.g. "
                 f"{self.example_failure}")
 
-    def on_success(self, latency: float) -> None:
+    def on_success(self, tag: int | None, latency: float, tokens: int) -> Change | None:
+        """Count an answer; with a learned window, returns the controller's change if any."""
         self.consecutive_connection_failures = 0
+        self.answers += 1
         self.mean_latency = 0.9 * self.mean_latency + 0.1 * latency
-        self.window = min(self.max_window, self.window + 1)
+        per_token = latency / max(1, tokens)
+        self.unloaded = per_token if self.unloaded is None else min(self.unloaded, per_token)
+        self.per_token = per_token if self.per_token is None else (
+            0.9 * self.per_token + 0.1 * per_token)
+        self.series.answer(latency, tokens, self.window_now)
+        if self.controller is not None:
+            return self.controller.on_answer(tag, latency, tokens)
+        # fixed window after a 429 cut: back by max_window/16 per round trip
+        self.window = min(self.max_window,
+                          self.window + max(1.0, self.max_window / 16) / max(1.0, self.window))
+        return None
 
-    def on_overload(self, now: float) -> None:
+    def on_overload(self, now: float) -> Change | None:
+        """A 429/503: halve the window (once per round trip)."""
+        if self.controller is not None:
+            return self.controller.on_overload(now, self.mean_latency)
         if now - self.last_decrease >= self.mean_latency:
+            old = int(self.window)
             self.window = max(1.0, min(self.window, max(1, self.cap)) / 2)
             self.last_decrease = now
+            return Change(old, int(self.window), "the server answered 429/503")
+        return None
 
     def on_connection_failure(self, now: float, cooldown: float) -> bool:
         """Count a failed connection; True when the endpoint goes into cool-down."""
@@ -164,9 +209,12 @@ class WorkerPool:
     def __init__(self, endpoints: list[tuple[str, Callable[[], Any]]], window: int,
                  max_retries: int, backoff_base: float, backoff_max: float, cooldown: float,
                  secret: str | None = None, max_failed_fraction: float = 0.5,
-                 failure_min_requests: int = 50, budget=None):
+                 failure_min_requests: int = 50, budget=None, auto: bool = False,
+                 metrics_urls: dict[str, str] | None = None, metrics_headers: dict | None = None):
         """``window``: each endpoint's fixed cap, or with ``budget`` (a ``budget.BudgetLink``)
-        the ceiling of the caps the cluster's allocator grants."""
+        the ceiling of the caps the cluster's allocator grants. ``auto``: each endpoint's window
+        is learned below that (``concurrency.WindowController``), from the server's queue at
+        ``metrics_urls[name]`` where it answers, else from latency."""
         clients = [(name, factory()) for name, factory in endpoints]  # may raise: nothing to undo
         self._max_retries = max_retries
         self._backoff = (backoff_base, backoff_max)
@@ -177,8 +225,11 @@ class WorkerPool:
         self._wake_at: float | None = None
         self._budget = budget
         self._budget_wake: asyncio.Event | None = None
-        self.endpoints = [Endpoint(name, client, window, 0 if budget else window)
+        self.endpoints = [Endpoint(name, client, window, 0 if budget else window,
+                                   WindowController(window) if auto else None)
                           for name, client in clients]
+        self._metrics_urls = metrics_urls or {}
+        self._metrics_headers = metrics_headers or {}
         self.broken: str | None = None
         self._stop_error: type[RunError] = EndpointsBroken
         self.closed = False
@@ -193,6 +244,9 @@ class WorkerPool:
         self._thread.start()
         if budget is not None:
             self.loop.call_soon_threadsafe(self._start_budget)
+        for endpoint in self.endpoints:
+            if endpoint.controller is not None and endpoint.name in self._metrics_urls:
+                self.loop.call_soon_threadsafe(self._start_metrics, endpoint)
 
     # -- cluster-wide budget ------------------------------------------------------------------
     def _start_budget(self) -> None:
@@ -202,8 +256,18 @@ class WorkerPool:
     def _budget_reports(self, closing: bool = False) -> dict[str, dict]:
         waiting = 0 if closing else sum(not w.done() for w in self._waiters)
         return {e.name: {"cap": 0 if closing else e.cap, "in_flight": e.in_flight,
-                         "demand": 0 if closing else e.in_flight + waiting}
+                         "demand": 0 if closing else self._demand(e, waiting),
+                         "status": e.status()}
                 for e in self.endpoints}
+
+    @staticmethod
+    def _demand(endpoint: Endpoint, waiting: int) -> int:
+        """What ``endpoint`` could use: with a learned window, at most twice that window (room
+        to grow into), so that the budget it cannot use goes to other workers."""
+        demand = endpoint.in_flight + waiting
+        if endpoint.controller is not None:
+            demand = min(demand, max(endpoint.in_flight, 2 * endpoint.controller.window))
+        return demand
 
     async def _budget_loop(self) -> None:
         """Report to the allocator and apply the caps it grants, until the pool closes."""
@@ -235,6 +299,56 @@ class WorkerPool:
                 await asyncio.wait_for(self._budget_wake.wait(),
                                        REPORT_SECONDS if busy else IDLE_REPORT_SECONDS)
 
+    # -- learned windows ----------------------------------------------------------------------
+    def _changed(self, endpoint: Endpoint, change: Change | None) -> None:
+        """Log a window change with its reason and hand out any new room."""
+        if change is None:
+            return
+        logger.info("endpoint %s: window %d -> %d (%s)", endpoint.name, change.old, change.new,
+                    change.reason)
+        self._dispatch()
+
+    def _start_metrics(self, endpoint: Endpoint) -> None:
+        self.loop.create_task(self._poll_metrics(endpoint))
+
+    async def _poll_metrics(self, endpoint: Endpoint) -> None:
+        """Feed the server's queue (its /metrics) to the endpoint's controller while this pool
+        has work; after repeated failures the window is learned from latency alone."""
+        import aiohttp
+
+        url, failures = self._metrics_urls[endpoint.name], 0
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout, headers=self._metrics_headers) as http:
+            while not self.closed and failures < METRICS_FAILURES_BEFORE_LATENCY:
+                await asyncio.sleep(METRICS_SECONDS)
+                if not endpoint.in_flight and not self._waiters:
+                    continue
+                try:
+                    async with http.get(url) as resp:
+                        queue_now = parse_queue_metrics(await resp.text()) if resp.status == 200 \
+                            else None
+                except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
+                    queue_now = None
+                if queue_now is None:
+                    failures += 1
+                    continue
+                failures = 0
+                endpoint.queue = queue_now
+                self._changed(endpoint, endpoint.controller.on_metrics(
+                    queue_now[0], queue_now[1], endpoint.in_flight))
+        if failures:
+            endpoint.controller.uses_metrics = False
+            logger.info("endpoint %s: no queue gauges at %s; learning its window from latency",
+                        endpoint.name, url)
+
+    def _mark_limited(self) -> None:
+        """Tell each controller whose own window (not the cluster's cap) keeps requests waiting."""
+        for endpoint in self.endpoints:
+            controller = endpoint.controller
+            if (controller is not None and endpoint.in_flight >= controller.window
+                    and controller.window <= endpoint.cap):
+                controller.on_limited()
+
     # -- window -------------------------------------------------------------------------------
     def _pick(self, now: float) -> Endpoint | None:
         ready = [e for e in self.endpoints if e.has_slot(now)]
@@ -253,6 +367,8 @@ class WorkerPool:
                 continue
             endpoint.in_flight += 1
             waiter.set_result(endpoint)
+        if self._waiters:
+            self._mark_limited()
         if self._waiters and self._budget_wake is not None and not any(
                 e.cap for e in self.endpoints):
             self._budget_wake.set()  # waiting with no share yet: ask for one now
@@ -321,10 +437,16 @@ class WorkerPool:
         return await self.loop.run_in_executor(self._executor, client.complete_sync,
                                                request.messages, request.settings)
 
-    async def _attempt(self, endpoint: Endpoint, request: Request) -> Completion:
-        """One call on ``endpoint``, holding its slot until the call ends (or is cancelled)."""
+    async def _attempt(self, endpoint: Endpoint, request: Request) -> tuple[Completion, Any]:
+        """One call on ``endpoint``, holding its slot until the call ends (or is cancelled);
+        returns the completion and the controller's tag for the request."""
+        tag = endpoint.controller.sent() if endpoint.controller else None
         try:
-            return await self._call(endpoint, request)
+            return await self._call(endpoint, request), tag
+        except BaseException:
+            if endpoint.controller is not None:
+                self._changed(endpoint, endpoint.controller.on_lost(tag))
+            raise
         finally:
             self._release(endpoint)
 
@@ -339,12 +461,15 @@ class WorkerPool:
             result.attempts += 1
             started = time.monotonic()
             try:
-                completion = await self._attempt(endpoint, request)
+                completion, tag = await self._attempt(endpoint, request)
             except RetryableError as exc:
                 now = time.monotonic()
+                endpoint.series.error(endpoint.window_now)
                 result.failed_endpoints.append(endpoint.name)
                 if exc.overload:
-                    endpoint.on_overload(now)
+                    self._changed(endpoint, endpoint.on_overload(now))
+                    if exc.retry_after:
+                        self._pause(endpoint, now, exc.retry_after)
                 if exc.connection and endpoint.on_connection_failure(now, self._cooldown):
                     self._dispatch()
                 if result.attempts > self._max_retries:
@@ -353,18 +478,29 @@ class WorkerPool:
                 await asyncio.sleep(_backoff(result.attempts, *self._backoff, exc.retry_after))
                 continue
             except LLMRequestError as exc:
+                endpoint.series.error(endpoint.window_now)
                 result.failed_endpoints.append(endpoint.name)
                 return self._final_failure(endpoint, result, exc.error_class, str(exc))
             except Exception as exc:  # a custom client's own failure: the row fails, not the run
+                endpoint.series.error(endpoint.window_now)
                 result.failed_endpoints.append(endpoint.name)
                 return self._final_failure(endpoint, result, "client_error",
                                            f"client_error: {type(exc).__name__}: {exc}")
             result.latency = time.monotonic() - started
-            endpoint.on_success(result.latency)
+            self._changed(endpoint, endpoint.on_success(tag, result.latency,
+                                                        completion.completion_tokens))
             self._count_outcome(endpoint, None)
             result.endpoint = endpoint.name
             result.completion = completion
             return result
+
+    def _pause(self, endpoint: Endpoint, now: float, seconds: float) -> None:
+        """Retry-After: no request goes to ``endpoint`` for ``seconds`` (not only this one)."""
+        seconds = min(seconds, self._backoff[1])
+        if now + seconds > endpoint.cooldown_until:
+            endpoint.cooldown_until = now + seconds
+            logger.info("endpoint %s: paused %.1f s (Retry-After)", endpoint.name, seconds)
+            self._dispatch()
 
     def _final_failure(self, endpoint: Endpoint, result: Result, error_class: str,
                        message: str) -> Result:
@@ -480,10 +616,36 @@ def drain_pools(reason: str | None) -> None:
     _DRAINING = reason
     if reason is None:
         return
-    with _POOLS_LOCK:
-        pools = list(_POOLS.values())
-    for pool in pools:
+    for pool in _pools_here():
         pool.drain(reason)
+
+
+def _pools_here() -> list[WorkerPool]:
+    with _POOLS_LOCK:
+        return list(_POOLS.values())
+
+
+def endpoint_series(since: float = 0.0) -> dict[str, list[dict]]:
+    """This process's per-endpoint series (``telemetry.EndpointSeries`` buckets, one dict per
+    pool) from ``since`` (epoch seconds) on. Run on every worker at the end of a run."""
+    out: dict[str, list[dict]] = {}
+    for pool in _pools_here():
+        for endpoint in pool.endpoints:
+            buckets = endpoint.series.buckets.copy()
+            out.setdefault(endpoint.name, []).append(
+                {key: {**bucket, "latency": bucket["latency"].copy()}
+                 for key, bucket in buckets.items()
+                 if (key + 1) * INTERVAL_SECONDS > since})
+    return out
+
+
+def endpoint_statuses_here() -> dict[str, list[dict]]:
+    """This process's endpoint statuses (``Endpoint.status``), one per pool."""
+    out: dict[str, list[dict]] = {}
+    for pool in _pools_here():
+        for endpoint in pool.endpoints:
+            out.setdefault(endpoint.name, []).append(endpoint.status())
+    return out
 
 
 def _forget(pool: WorkerPool) -> None:
@@ -494,9 +656,7 @@ def _forget(pool: WorkerPool) -> None:
 
 def close_pools() -> None:
     """Close this process's pools."""
-    with _POOLS_LOCK:
-        pools = list(_POOLS.values())
-    for pool in pools:
+    for pool in _pools_here():
         with contextlib.suppress(Exception):
             pool.close()
 
@@ -539,12 +699,23 @@ def _adapt(client, llm: LLMConfig):
     return client
 
 
+def _metrics_url(base_url: str) -> str:
+    """Where a vLLM/SGLang/TGI server serves Prometheus metrics: its root, not under /v1."""
+    root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+    return root + "/metrics"
+
+
 def new_pool(llm: LLMConfig, window: int, budget=None) -> WorkerPool:
-    """A fresh pool for ``llm`` with ``window`` slots per endpoint, or with ``budget`` (a
-    ``budget.BudgetLink``) at most ``window`` as the allocator grants (the caller closes it)."""
+    """A fresh pool for ``llm`` with ``window`` slots per endpoint (learned below that with
+    ``max_in_flight="auto"``), or with ``budget`` (a ``budget.BudgetLink``) at most ``window``
+    as the allocator grants (the caller closes it)."""
+    auto = llm.auto_window and llm.max_in_flight_per_worker is None
+    urls = {url: _metrics_url(url) for url in llm.base_url} if llm.client_factory is None else {}
+    headers = {"Authorization": f"Bearer {llm.api_key}"} if llm.api_key else {}
     return WorkerPool(_factories(llm, window), window, llm.max_retries, llm.backoff_base,
                       llm.backoff_max, llm.endpoint_cooldown, llm.api_key,
-                      llm.max_failed_fraction, llm.failure_min_requests, budget)
+                      llm.max_failed_fraction, llm.failure_min_requests, budget, auto=auto,
+                      metrics_urls=urls, metrics_headers=headers)
 
 
 def _new_pool_here(llm: LLMConfig, worker) -> WorkerPool:
@@ -553,10 +724,10 @@ def _new_pool_here(llm: LLMConfig, worker) -> WorkerPool:
     if llm.max_in_flight_per_worker:
         return new_pool(llm, llm.max_in_flight_per_worker)
     if worker is None:
-        return new_pool(llm, llm.max_in_flight)
+        return new_pool(llm, llm.in_flight_total)
     from nemocc_dask.llm.budget import BudgetLink
 
-    return new_pool(llm, llm.max_in_flight, BudgetLink(worker, llm.max_in_flight))
+    return new_pool(llm, llm.in_flight_total, BudgetLink(worker, llm.in_flight_total))
 
 
 def get_pool(llm: LLMConfig) -> WorkerPool:
