@@ -60,9 +60,9 @@ def _rates(stats: list[tuple[float, dict]]) -> list[tuple[float, float]]:
     """(time since start, decoded tokens/s over the last WINDOW_SECONDS)."""
     start, out, j = stats[0][0], [], 0
     for t, sample in stats:
-        while stats[j][0] < t - WINDOW_SECONDS:
+        while stats[j + 1][0] <= t - WINDOW_SECONDS:  # the last sample WINDOW_SECONDS back
             j += 1
-        if t - stats[j][0] >= WINDOW_SECONDS * 0.9:
+        if t - stats[j][0] >= WINDOW_SECONDS:
             out.append((t - start, (sample["decoded_tokens"] - stats[j][1]["decoded_tokens"])
                         / (t - stats[j][0])))
     return out

@@ -32,11 +32,27 @@ from nemocc_dask.report import combine, render_table
 from nemocc_dask.runner import start_checks
 
 
-def _add_endpoint_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("endpoint")
-    g.add_argument("--base-url", action="append", required=required,
-                   help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (repeatable)")
-    g.add_argument("--model", required=required, help="model name served by the endpoint")
+    g.add_argument("--base-url", action="append",
+                   help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (repeatable)"
+                        "; or --serve")
+    g.add_argument("--model", help="model name served by the endpoint (with --serve PRESET:MODEL"
+                                   " default: MODEL)")
+    served = p.add_argument_group("served model (start the server next to each worker)")
+    served.add_argument("--serve", metavar="COMMAND|PRESET:MODEL",
+                   help="command template with {port} ({host}, {gpu} optional), e.g. 'vllm serve "
+                        "/models/llama --host {host} --port {port}', or vllm:MODEL, "
+                        "sglang:MODEL, llamacpp:MODEL.gguf")
+    served.add_argument("--serve-health", help="health path (default: /v1/models; presets /health)")
+    served.add_argument("--serve-startup-timeout", type=float, default=600.0,
+                   help="seconds a server may take to become healthy (default 600)")
+    served.add_argument("--serve-per", choices=["worker", "gpu"], default="worker",
+                   help="one server per worker, or per GPU of the worker (default worker)")
+    served.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment of the server processes (repeatable)")
+    served.add_argument("--serve-max-restarts", type=int, default=3,
+                   help="restarts of a server that exits or stops answering (default 3)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default OPENAI_API_KEY)")
     g.add_argument("--max-in-flight", type=_in_flight, default="auto",
@@ -105,9 +121,31 @@ def _in_flight(value: str):
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {value!r}") from None
 
 
+def _serve_from_args(args):
+    """The ServeSpec of --serve and its options, or None."""
+    if not args.serve:
+        return None
+    from nemocc_dask.serve import ServeSpec
+
+    env = {}
+    for item in args.serve_env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--serve-env takes KEY=VALUE (got {item!r})")
+        env[key] = value
+    options = {"startup_timeout": args.serve_startup_timeout, "per": args.serve_per,
+               "env": env, "max_restarts": args.serve_max_restarts}
+    if args.serve_health:
+        options["health"] = args.serve_health
+    return ServeSpec.parse(args.serve, **options)
+
+
 def _llm_from_args(args) -> LLMConfig:
     with start_checks():
-        return LLMConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
+        if args.serve and args.base_url:
+            raise ValueError("give --serve or --base-url, not both")
+        return LLMConfig(base_url=args.base_url or (), model=args.model or "",
+                         serve=_serve_from_args(args), api_key_env=args.api_key_env,
                          max_in_flight=args.max_in_flight,
                          max_in_flight_cap=args.max_in_flight_cap,
                          max_in_flight_per_worker=args.max_in_flight_per_worker,
@@ -210,7 +248,7 @@ def cmd_demo(args) -> int:
 def cmd_serve_mock(args) -> int:
     from nemocc_dask.llm.mock import serve_forever
 
-    serve_forever(port=args.port, models=tuple(args.model or ["mock"]), latency=args.latency,
+    serve_forever(port=args.port, host=args.host, models=tuple(args.model or ["mock"]), latency=args.latency,
                   per_token_latency=args.per_token_latency, max_concurrency=args.max_concurrency,
                   rate_429=args.rate_429, rate_500=args.rate_500, rate_drop=args.rate_drop,
                   api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
@@ -270,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mock = sub.add_parser("serve-mock", help="serve the mock OpenAI-compatible LLM")
     mock.add_argument("--port", type=int, default=8000)
+    mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--model", action="append")
     mock.add_argument("--latency", type=float, default=0.2, help="fixed seconds per request")
     mock.add_argument("--per-token-latency", type=float, default=0.002)

@@ -21,6 +21,7 @@ from nemocc_dask.errors import StartError
 logger = logging.getLogger(__name__)
 MANIFEST = "run.json"
 LOCK = ".nemocc.lock"
+SERVE_LOGS = "serve-logs"  # written by a served model (nemocc_dask.serve) from the run's start
 OWNED = ("parts", "rejects", "stats", "journal", MANIFEST, "report.json")
 HEARTBEAT_SECONDS = 10.0
 STALE_AFTER_SECONDS = 60.0
@@ -58,7 +59,7 @@ def check_output(out_dir: Path, material: dict, overwrite: bool) -> str:
     for a folder with other files, another run's identity without ``overwrite``, or a live lock.
     """
     storage.refresh(out_dir)
-    entries = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK) \
+    entries = sorted(p.name for p in out_dir.iterdir() if p.name not in (LOCK, SERVE_LOGS)) \
         if out_dir.exists() else []
     if not entries:
         check_lock(out_dir)

@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -26,7 +27,7 @@ from nemocc_dask.gpu import to_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.generate import prompt_limit
 from nemocc_dask.llm.preflight import preflight
-from nemocc_dask.output_folder import (MANIFEST, OutputError, OutputLock, check_output,
+from nemocc_dask.output_folder import (MANIFEST, SERVE_LOGS, OutputError, OutputLock, check_output,
                                        prepare_output)
 from nemocc_dask.partition_job import (PartitionPlan, finished_stats, journal_path,
                                        process_partition)
@@ -386,6 +387,39 @@ def _schedule(jobs: list[Job], parts: list, plans: dict, retry_failed: bool):
     return tasks, out_dirs, pending, redone
 
 
+class _Servers(contextlib.ExitStack):
+    """The served model's servers of a run (none unless a job's LLMConfig has ``serve``);
+    ``status`` gives every server's URL, PIDs and restarts while they run."""
+
+    status = None
+
+
+def _serve(jobs: list[Job], servers: _Servers) -> list[Job]:
+    """Start the served model on every worker if the jobs ask for one; the jobs get its URLs."""
+    specs = [job.llm.serve for job in jobs if job.llm.serve is not None]
+    if not specs:
+        return jobs
+    if any(spec != specs[0] for spec in specs):
+        raise ConfigError("all tasks of a run must use the same served model (--serve)")
+    from nemocc_dask.serve import serving
+
+    client = _distributed_client()
+    if client is None:
+        raise ConfigError("serving the model needs a Dask cluster: create one (make_client() "
+                          "or a LocalCluster) before run_to_parquet, or use the nemocc-dask CLI")
+    spec = specs[0]
+    if spec.log_dir is None:
+        root = jobs[0].out_dir if len(jobs) == 1 else jobs[0].out_dir.parent
+        local = not is_remote(root)
+        spec = dataclasses.replace(spec, log_dir=str(root / SERVE_LOGS) if local
+                                   else tempfile.mkdtemp(prefix="nemocc-serve-logs-"))
+    servers.status = servers.enter_context(serving(client, spec))
+    urls = tuple(sorted(s["url"] for s in servers.status()))
+    logger.info("served model up on %d server(s): %s", len(urls), ", ".join(urls))
+    return [dataclasses.replace(job, llm=dataclasses.replace(job.llm, base_url=urls, serve=spec))
+            for job in jobs]
+
+
 def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: str = "id",
              seed: int = 0, overwrite: bool = False, retry_failed: bool = False,
              rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
@@ -399,56 +433,60 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
     requests are redone, resending only the failed requests. Raises RunError when a partition
     fails (e.g. the failure budget stopped an endpoint) or the counts do not add up.
     """
-    started = time.time()
-    with start_checks():
-        ddf, ids, inputs, n_parts = _load_input(data, rows_per_partition, id_field)
-        if gpu:
-            ddf = to_gpu(ddf)
+    with _Servers() as servers:
+        started = time.time()
+        with start_checks():
+            ddf, ids, inputs, n_parts = _load_input(data, rows_per_partition, id_field)
+            if gpu:
+                ddf = to_gpu(ddf)
+            for job in jobs:
+                needed = {"id": id_field, "text": job.preset.input_field}
+                if job.route is not None:
+                    needed["quality"] = job.route.field
+                require_columns(ddf.columns, needed)
+            jobs = _serve(jobs, servers)
+            jobs = [_with_served_context(job, preflight(job.llm)) for job in jobs]
+            tokenizers = _tokenizers(jobs, tokenizer)
+            for name in {tokenizer_name(t) for t in tokenizers.values()}:
+                same = [job for job in jobs if tokenizer_name(tokenizers[job.preset.name]) == name]
+                _warn_without_chat_template(tokenizers[same[0].preset.name],
+                                            [job.preset for job in same])
+            materials = {job.preset.name: fingerprint(job, inputs, tokenizers[job.preset.name], seed,
+                                                      id_field) for job in jobs}
+            modes = {job.preset.name: check_output(job.out_dir, materials[job.preset.name], overwrite)
+                     for job in jobs}
+            input_rows = io.check_ids(ids if ids is not None else ddf, id_field)
         for job in jobs:
-            needed = {"id": id_field, "text": job.preset.input_field}
-            if job.route is not None:
-                needed["quality"] = job.route.field
-            require_columns(ddf.columns, needed)
-        jobs = [_with_served_context(job, preflight(job.llm)) for job in jobs]
-        tokenizers = _tokenizers(jobs, tokenizer)
-        for name in {tokenizer_name(t) for t in tokenizers.values()}:
-            same = [job for job in jobs if tokenizer_name(tokenizers[job.preset.name]) == name]
-            _warn_without_chat_template(tokenizers[same[0].preset.name],
-                                        [job.preset for job in same])
-        materials = {job.preset.name: fingerprint(job, inputs, tokenizers[job.preset.name], seed,
-                                                  id_field) for job in jobs}
-        modes = {job.preset.name: check_output(job.out_dir, materials[job.preset.name], overwrite)
-                 for job in jobs}
-        input_rows = io.check_ids(ids if ids is not None else ddf, id_field)
-    for job in jobs:
-        logger.info("task %s: %d partitions, endpoint(s) %s, model %r, tokenizer %s, output %s",
-                    job.preset.name, n_parts, ", ".join(job.llm.endpoints), job.llm.model,
-                    tokenizer_name(tokenizers[job.preset.name]), job.out_dir)
-    with contextlib.ExitStack() as locks:
-        for job in jobs:
-            locks.enter_context(OutputLock(job.out_dir))
-            prepare_output(job.out_dir, materials[job.preset.name], modes[job.preset.name])
-        _register_pool_plugin()
-        parts = ddf.to_delayed()
-        plans = {job.preset.name: PartitionPlan(job.preset, job.llm, str(job.out_dir),
-                                                tokenizers[job.preset.name], id_field, seed, retry_failed, job.route)
-                 for job in jobs}
-        tasks, out_dirs, pending, redone = _schedule(jobs, parts, plans, retry_failed)
-        if any(redone.values()):
-            logger.info("retrying failed requests in %d finished partition(s)",
-                        sum(redone.values()))
-        with Progress([j.out_dir for j in jobs], len(tasks), show_progress,
-                      _endpoint_statuses) as progress:
-            _compute(tasks, out_dirs, progress)
-        series = _endpoint_series(started)
-        return {job.preset.name: _write_report(job, tokenizers[job.preset.name], n_parts,
-                                               pending[job.preset.name], input_rows,
-                                               time.time() - started, series)
-                for job in jobs}
+            logger.info("task %s: %d partitions, endpoint(s) %s, model %r, tokenizer %s, output %s",
+                        job.preset.name, n_parts, ", ".join(job.llm.endpoints), job.llm.model,
+                        tokenizer_name(tokenizers[job.preset.name]), job.out_dir)
+        with contextlib.ExitStack() as locks:
+            for job in jobs:
+                locks.enter_context(OutputLock(job.out_dir))
+                prepare_output(job.out_dir, materials[job.preset.name], modes[job.preset.name])
+            _register_pool_plugin()
+            parts = ddf.to_delayed()
+            plans = {job.preset.name: PartitionPlan(job.preset, job.llm, str(job.out_dir),
+                                                    tokenizers[job.preset.name], id_field, seed, retry_failed, job.route)
+                     for job in jobs}
+            tasks, out_dirs, pending, redone = _schedule(jobs, parts, plans, retry_failed)
+            if any(redone.values()):
+                logger.info("retrying failed requests in %d finished partition(s)",
+                            sum(redone.values()))
+            with Progress([j.out_dir for j in jobs], len(tasks), show_progress,
+                          _endpoint_statuses) as progress:
+                _compute(tasks, out_dirs, progress)
+            series = _endpoint_series(started)
+            served = servers.status() if servers.status else None
+            return {job.preset.name: _write_report(job, tokenizers[job.preset.name], n_parts,
+                                                   pending[job.preset.name], input_rows,
+                                                   time.time() - started, series, served)
+                    for job in jobs}
 
 
 def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: int,
-                  seconds: float, series: dict[str, list[dict]]) -> dict:
+                  seconds: float, series: dict[str, list[dict]],
+                  served: list[dict] | None = None) -> dict:
     """Sum the job's partition stats into ``report.json`` with the per-endpoint ``series``
     (shared by the tasks of a run that use the same endpoint); RunError if the counts do not
     add up."""
@@ -463,6 +501,9 @@ def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: 
     report["max_in_flight"] = job.llm.max_in_flight
     report["endpoint_series"] = {name: series[name] for name in job.llm.endpoints
                                  if name in series}
+    if served is not None:
+        report["served"] = {"command": job.llm.serve.command, "servers": served,
+                            "restarts": sum(s["restarts"] for s in served)}
     io.atomic_write_bytes(job.out_dir / "report.json", json.dumps(report, indent=1).encode())
     if not report["accounted"]:
         raise RunError(f"task {job.preset.name}: the counts in {job.out_dir / 'report.json'} do "

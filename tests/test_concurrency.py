@@ -34,7 +34,8 @@ def run_metrics(ctl: WindowController, capacity, epochs: int):
     for _ in range(epochs):
         epoch, window = ctl.epoch, ctl.window
         ctl.on_limited()
-        ctl.on_metrics(min(window, capacity), max(0, window - capacity), window)
+        for _ in range(2):  # two polls per round trip
+            ctl.on_metrics(min(window, capacity), max(0, window - capacity), window)
         while ctl.epoch == epoch:
             ctl.on_answer(ctl.sent(), per_token(window, capacity) * 100, 100)
     return ctl.window
@@ -126,3 +127,13 @@ def test_the_decision_waits_for_the_whole_cohort_not_the_first_answers():
         assert ctl.on_answer(tag, 0.1, 100) is None
     ctl.on_lost(tags[7])  # the last one failed: the cohort is back, the window grows
     assert ctl.window == 32
+
+
+def test_a_request_caught_between_two_scheduler_steps_is_no_queue():
+    ctl = WindowController(ceiling=8192, initial=100)
+    for _ in range(5):  # a couple waiting on single polls, never twice in a row
+        assert ctl.on_metrics(running=100, waiting=4, own_in_flight=100) is None
+        assert ctl.on_metrics(running=100, waiting=0, own_in_flight=100) is None
+    ctl.on_metrics(running=100, waiting=30, own_in_flight=100)
+    change = ctl.on_metrics(running=100, waiting=30, own_in_flight=100)
+    assert change.new == 100 - 24 and "30 requests wait" in change.reason

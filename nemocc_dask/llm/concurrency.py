@@ -14,14 +14,15 @@ previous one, and short answers (back first) do not bias it.
 Signals, in order of preference:
 
 * The server's queue (``on_metrics``: vLLM's ``num_requests_running`` / ``num_requests_waiting``
-  from ``/metrics``). Requests waiting: shrink by our share of the queue. None waiting while the
+  from ``/metrics``). Requests waiting (more than ``QUEUE_FRACTION`` of those running, on
+  ``QUEUED_POLLS`` polls in a row): shrink by our share of the queue. None waiting while the
   window is what limits us: grow (x2 per round trip until the first queue, then x1.1 after
   ``METRICS_HOLD_EPOCHS`` round trips without queue).
 * Else latency per answer token (so that long answers do not look like a slow server), as the
   *elasticity* of latency to the window, e = dln(latency) / dln(window). Below the batching
   capacity more sequences cost little latency (e well under 1); past it latency rises in
-  proportion (e = 1, pure queueing). Slow start doubles while e < ``GROW_BELOW``; then it steps
-  down by ``DOWN_STEP`` while each step down still shows e >= ``SATURATED``, and settles one
+  proportion (e = 1, pure queueing). Slow start doubles while e < ``GROW_BELOW``; then it jumps
+  below the overshoot (Little's law, ``_leave_slow_start``) and steps down by ``DOWN_STEP`` while each step down still shows e >= ``SATURATED``, and settles one
   step up from the first step down that gains nothing. Steady: probe +10% now and then (kept
   when e stays low); latency per token ``DRIFT`` times above the settled level at the same
   window (capacity lost) divides the window by that factor (Little's law), then steps down.
@@ -44,6 +45,8 @@ PROBE_EVERY = 4         # steady epochs between two probes up
 DRIFT = 1.25            # latency per token this much above the reference at the same window
 METRICS_GROWTH = (2.0, 1.1)  # per round trip without queue: before / after the first queue
 METRICS_HOLD_EPOCHS = 3      # epochs without queue after a cut before growing again
+QUEUE_FRACTION = 0.05        # a queue is more than this fraction of the running requests (and 2)
+QUEUED_POLLS = 2             # ... seen on this many polls in a row
 
 
 @dataclass
@@ -84,6 +87,7 @@ class WindowController:
         self._steady_epochs = 0
         self._metrics_queued_once = False
         self._last_cut = float("-inf")
+        self._queued_polls = 0
 
     # -- inputs -------------------------------------------------------------------------------
     def on_limited(self) -> None:
@@ -137,7 +141,11 @@ class WindowController:
     def on_metrics(self, running: int, waiting: int, own_in_flight: int) -> Change | None:
         """The server's queue (from its /metrics): shrink by our share of what waits."""
         self.uses_metrics = True
-        if waiting <= max(1, 0.02 * running):
+        if waiting <= max(2, QUEUE_FRACTION * running):
+            self._queued_polls = 0
+            return None
+        self._queued_polls += 1
+        if self._queued_polls < QUEUED_POLLS:  # a request between two scheduler steps
             return None
         self._metrics_queued_once = True
         if self._current.answers == 0 and self.phase == "queue":
@@ -173,7 +181,7 @@ class WindowController:
             if e is None or e < GROW_BELOW:
                 return self._set(min(self.ceiling, self.window * 2),
                                  "latency per token barely rises", keep=current)
-            return self._step_down(current, f"latency rises with the window (e={e:.2f})")
+            return self._leave_slow_start(previous, current, e)
         if self.phase == "stepping_down":
             drift = self._drift(current)
             if drift > DRIFT:
@@ -219,6 +227,16 @@ class WindowController:
                            f"latency per token rose {drift:.1f}x above the settled level")
         self._previous = None  # no step to compare with: the next epoch settles or steps down
         return change
+
+    def _leave_slow_start(self, below: _Epoch, above: _Epoch, e: float) -> Change | None:
+        """The knee lies between ``below`` and ``above``. Throughput at ``above`` is
+        ``window / latency per token``; at ``below``'s latency that throughput needs
+        ``above.window * r_below / r_above`` (a lower bound of the knee, as latency rises below
+        it too). Start stepping down from the geometric mean of that bound and ``above``."""
+        ratio = below.per_token() / above.per_token()
+        start = max(below.window, int(above.window * math.sqrt(min(1.0, ratio))))
+        self.phase = "stepping_down"
+        return self._set(start, f"latency rises with the window (e={e:.2f})", keep=above)
 
     def _step_down(self, current: _Epoch, reason: str) -> Change | None:
         self.phase = "stepping_down"

@@ -56,6 +56,9 @@ class LLMConfig:
     client_factory:
         Optional picklable zero-argument callable that builds a custom client on each worker
         (see ``nemocc_dask.llm.client``); replaces the HTTP client and ``base_url``.
+    serve:
+        A ``nemocc_dask.serve.ServeSpec``: the run starts the model's server next to each worker
+        and each worker sends to its own; ``base_url`` is then filled in by the run.
     """
 
     base_url: str | Sequence[str] = ()
@@ -83,6 +86,7 @@ class LLMConfig:
     return_all_choices: bool = False
     extra_body: dict = field(default_factory=dict)
     client_factory: Callable[[], Any] | None = None
+    serve: Any = None
 
     def __post_init__(self) -> None:
         urls = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url)
@@ -92,9 +96,11 @@ class LLMConfig:
             object.__setattr__(self, "stop", stop)
         if self.api_key is None and self.api_key_env:
             object.__setattr__(self, "api_key", os.environ.get(self.api_key_env) or None)
-        if self.client_factory is None and not self.base_url:
-            raise ValueError("LLMConfig needs base_url (e.g. http://127.0.0.1:8000/v1) or a "
-                             "client_factory")
+        if self.serve is not None and not self.model and self.serve.model:
+            object.__setattr__(self, "model", self.serve.model)
+        if self.client_factory is None and self.serve is None and not self.base_url:
+            raise ValueError("LLMConfig needs base_url (e.g. http://127.0.0.1:8000/v1), serve= "
+                             "or a client_factory")
         if self.client_factory is None and not self.model:
             raise ValueError("LLMConfig needs model= (the name the endpoint serves; "
                              "`curl BASE_URL/models` lists them)")

@@ -31,6 +31,7 @@ import atexit
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import queue
 import random
@@ -733,7 +734,14 @@ def _new_pool_here(llm: LLMConfig, worker) -> WorkerPool:
 def get_pool(llm: LLMConfig) -> WorkerPool:
     """This process's pool for ``llm`` (created on first use; a closed or broken pool is
     replaced, the broken one closed once its requests on the wire are answered; while the
-    worker drains, the drained pool is kept so that nothing more is sent)."""
+    worker drains, the drained pool is kept so that nothing more is sent). With a served model,
+    a worker that runs servers sends to those only."""
+    if llm.serve is not None:
+        from nemocc_dask.serve import local_urls
+
+        mine = local_urls()
+        if mine:
+            llm = dataclasses.replace(llm, base_url=tuple(mine))
     key = llm.pool_key()
     worker = _current_worker()
     if worker is not None:

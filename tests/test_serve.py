@@ -1,0 +1,155 @@
+"""Served models: the run starts a real server process next to each worker (the mock, through its
+command line: nothing here imports it), sends each worker's requests to its own server, restarts
+one that dies, stops them all at the end, and refuses to start when a server cannot."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pandas as pd
+import pytest
+
+from conftest import make_docs
+
+from nemocc_dask import LLMConfig, run_to_parquet
+from nemocc_dask.errors import StartError
+from nemocc_dask.serve import ServeError, ServeSpec, served_status
+from nemocc_dask.testing import MockLLMServer
+
+MOCK = f"{sys.executable} -m nemocc_dask.cli serve-mock --host {{host}} --port {{port}}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie is not alive
+        return fh.read().split()[2] != "Z"
+
+
+def _parts(folder) -> pd.DataFrame:
+    return pd.read_parquet(folder / "parts").sort_values(["id", "segment_id"]).reset_index(
+        drop=True)
+
+
+def test_presets_expand_to_a_command_health_path_and_model():
+    spec = ServeSpec.parse("vllm:/models/llama 3", startup_timeout=60)
+    assert spec.command == "vllm serve '/models/llama 3' --host {host} --port {port}"
+    assert spec.health == "/health" and spec.model == "/models/llama 3"
+    assert LLMConfig(serve=spec).model == "/models/llama 3"
+    assert ServeSpec.parse("llamacpp:m.gguf").command.startswith("llama-server -m m.gguf")
+    with pytest.raises(ValueError, match=r"\{port\}"):
+        ServeSpec("vllm serve /models/llama")
+
+
+@pytest.mark.slow
+def test_each_worker_serves_and_uses_its_own_server_and_none_is_left(tmp_path, cluster_client):
+    path = tmp_path / "docs.parquet"
+    make_docs(80).to_parquet(path)
+    spec = ServeSpec(MOCK + " --latency 0.01", startup_timeout=60)
+    report = run_to_parquet(path, tmp_path / "served", "knowledge_list",
+                            LLMConfig(model="mock", serve=spec), show_progress=False,
+                            rows_per_partition=10)
+    servers = report["served"]["servers"]
+    assert len({s["url"] for s in servers}) == 2 and report["served"]["restarts"] == 0
+    per_server = {url: sum(i["req_per_s"] for i in series)
+                  for url, series in report["endpoint_series"].items()}
+    assert set(per_server) == {s["url"] for s in servers} and all(per_server.values())
+    assert not any(_alive(pid) for s in servers for pid in s["pids"])
+    assert all(os.path.getsize(s["log"]) > 0 for s in servers)
+    assert str(tmp_path / "served" / "serve-logs") in servers[0]["log"]
+
+    with MockLLMServer(latency=0.01, tokenizer="bundled") as external:  # as serve-mock
+        run_to_parquet(path, tmp_path / "external", "knowledge_list",
+                       LLMConfig(base_url=external.base_url, model="mock"), show_progress=False,
+                       rows_per_partition=10)
+    pd.testing.assert_frame_equal(_parts(tmp_path / "served"), _parts(tmp_path / "external"))
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path, cluster_client):
+    path = tmp_path / "docs.parquet"
+    make_docs(120).to_parquet(path)
+    spec = ServeSpec(MOCK + " --latency 0.3", startup_timeout=60)
+    outcome = {}
+
+    def run():
+        outcome["report"] = run_to_parquet(path, tmp_path / "out", "knowledge_list",
+                                           LLMConfig(model="mock", serve=spec, backoff_base=0.2),
+                                           show_progress=False, rows_per_partition=10)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60  # until answers are being journaled
+    while time.monotonic() < deadline and not list((tmp_path / "out" / "journal").glob("*")):
+        time.sleep(0.2)
+    time.sleep(1)
+    servers = [s for per in cluster_client.run(served_status).values() for s in per]
+    os.kill(servers[0]["pids"][-1], signal.SIGKILL)
+    thread.join(300)
+    report = outcome["report"]
+    assert report["served"]["restarts"] >= 1 and report["accounted"]
+    assert report["failed_requests"] == 0 and not report["failed_by_class"]
+    assert not any(_alive(pid) for s in report["served"]["servers"] for pid in s["pids"])
+
+
+@pytest.mark.slow
+def test_a_server_that_exits_at_once_stops_the_run_before_any_request(tmp_path, cluster_client):
+    path = tmp_path / "docs.parquet"
+    make_docs(10).to_parquet(path)
+    crash = (f"{sys.executable} -c \"import sys; print('CUDA error: out of memory'); "
+             "sys.exit(3)\" {port}")
+    with pytest.raises(ServeError, match="(?s)exited with status 3.*CUDA error: out of memory"):
+        run_to_parquet(path, tmp_path / "out", "knowledge_list",
+                       LLMConfig(model="mock", serve=ServeSpec(crash)), show_progress=False)
+    assert not (tmp_path / "out" / "parts").exists()
+
+
+@pytest.mark.slow
+def test_cli_command_not_found_is_exit_2_with_the_fix(tmp_path):
+    make_docs(5).to_parquet(tmp_path / "docs.parquet")
+    done = subprocess.run(
+        [sys.executable, "-m", "nemocc_dask.cli", "run", "--task", "knowledge_list", "--input",
+         str(tmp_path / "docs.parquet"), "--output", str(tmp_path / "out"),
+         "--serve", "no-such-inference-server --port {port}", "--model", "m", "--workers", "1"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "'no-such-inference-server' was not found on PATH" in done.stderr
+
+
+@pytest.mark.slow
+def test_cli_sigterm_stops_the_run_and_every_server(tmp_path):
+    make_docs(200).to_parquet(tmp_path / "docs.parquet")
+    marker = f"served-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nemocc_dask.cli", "run", "--task", "knowledge_list", "--input",
+         str(tmp_path / "docs.parquet"), "--output", str(tmp_path / "out"), "--serve",
+         MOCK + f" --latency 0.5 --model {marker}", "--model", marker, "--workers", "2",
+         "--no-progress"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((tmp_path / "out" / "journal").glob("*")):
+        time.sleep(0.5)
+    pattern = rf"serve-mock --host [0-9.]+ --port [0-9]+ --latency 0.5 --model {marker}"
+    servers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    assert len(servers.split()) == 2  # the servers, not the driver (its command has {port})
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 1
+
+
+def test_serving_without_a_cluster_says_how_to_get_one(tmp_path, monkeypatch):
+    from nemocc_dask import runner
+
+    monkeypatch.setattr(runner, "_distributed_client", lambda: None)
+    make_docs(5).to_parquet(tmp_path / "docs.parquet")
+    with pytest.raises(StartError, match="needs a Dask cluster"):
+        run_to_parquet(tmp_path / "docs.parquet", tmp_path / "out", "knowledge_list",
+                       LLMConfig(model="m", serve=ServeSpec(MOCK)), show_progress=False)
