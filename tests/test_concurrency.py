@@ -137,3 +137,15 @@ def test_a_request_caught_between_two_scheduler_steps_is_no_queue():
     ctl.on_metrics(running=100, waiting=30, own_in_flight=100)
     change = ctl.on_metrics(running=100, waiting=30, own_in_flight=100)
     assert change.new == 100 - 24 and "30 requests wait" in change.reason
+
+
+def test_capacity_lost_is_seen_in_any_answers_before_the_epoch_ends():
+    ctl = WindowController(ceiling=8192)
+    run_latency(ctl, 512, 50)
+    window = ctl.window
+    rate = 128 / (2 * 0.01) / 100  # answers per second at capacity 128
+    changes = [ctl.on_answer(None, per_token(window, 128) * 100, 100, now=i / rate)
+               for i in range(200)]
+    first, second = [c for c in changes if c is not None][:2]
+    assert "rose" in first.reason and "capacity lost" in second.reason
+    assert 0.9 * 128 <= ctl.window <= 1.25 * 128

@@ -4,9 +4,9 @@ The goal is the smallest window at which the server's throughput stops rising: a
 continuous-batching server (vLLM, SGLang, TGI) gets faster per token with more sequences only up
 to the number it decodes at once; past that, extra requests wait in its queue and only add latency.
 
-Epochs: every window change starts an epoch. Its first ``window`` requests sent only turn the
-server's load over to the new window (right after a change, the queue still holds requests of the
-old one); the next ``_needed(window)`` are its cohort (``sent`` tags them), and the decision waits
+Epochs: every window change starts an epoch. After a rise, its first ``window`` requests sent only
+turn the server's load over to the new window (the queue still holds requests of the old one);
+the next ``_needed(window)`` are its cohort (``sent`` tags them), and the decision waits
 until the whole cohort is back (``on_answer`` / ``on_lost``). So an epoch lasts about two round
 trips, growth is per round trip, not per answer, every decision sees the settled effect of the
 previous one, and short answers (back first) do not bias it.
@@ -33,6 +33,7 @@ The controller is pure (no I/O, no clock of its own): the pool feeds it and appl
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ DOWN_STEP = 0.8
 PROBE_UP = 1.1
 PROBE_EVERY = 4         # steady epochs between two probes up
 DRIFT = 1.25            # latency per token this much above the reference at the same window
+FAST_DRIFT = 1.5        # ... over the last answers of any epoch: capacity lost, act at once
 METRICS_GROWTH = (2.0, 1.1)  # per round trip without queue: before / after the first queue
 METRICS_HOLD_EPOCHS = 3      # epochs without queue after a cut before growing again
 QUEUE_FRACTION = 0.05        # a queue is more than this fraction of the running requests (and 2)
@@ -61,6 +63,7 @@ class Change:
 @dataclass
 class _Epoch:
     window: int
+    skip: int = 0     # sends that only turn the server's load over to this window
     sent: int = 0
     back: int = 0     # cohort requests answered or lost
     answers: int = 0
@@ -81,7 +84,8 @@ class WindowController:
         self.phase = "slow_start"
         self.epoch = 0
         self.uses_metrics = False
-        self._current = _Epoch(self.window)
+        self._current = _Epoch(self.window, skip=self.window)
+        self._recent: collections.deque = collections.deque(maxlen=self._needed(self.window))
         self._previous: _Epoch | None = None  # the last finished epoch at another window
         self._reference: _Epoch | None = None  # steady: the settled window's latency
         self._steady_epochs = 0
@@ -98,12 +102,17 @@ class WindowController:
         """A request is sent: its tag (the epoch) if it belongs to the epoch's cohort."""
         current = self._current
         current.sent += 1
-        if not current.window < current.sent <= current.window + self._needed(current.window):
+        if not current.skip < current.sent <= current.skip + self._needed(current.window):
             return None
         return self.epoch
 
-    def on_answer(self, tag: int | None, seconds: float, tokens: int) -> Change | None:
-        """An answer to a request tagged ``tag`` took ``seconds`` for ``tokens`` tokens."""
+    def on_answer(self, tag: int | None, seconds: float, tokens: int,
+                  now: float | None = None) -> Change | None:
+        """An answer to a request tagged ``tag`` took ``seconds`` for ``tokens`` tokens and
+        arrived at ``now`` (monotonic seconds, for the throughput after a capacity loss)."""
+        jump = self._watch_drift(seconds, tokens, now)
+        if jump is not None:
+            return jump
         if tag != self.epoch:
             return None
         current = self._current
@@ -111,6 +120,36 @@ class WindowController:
         current.seconds += seconds
         current.tokens += max(1, tokens)
         return self._back()
+
+    def _watch_drift(self, seconds: float, tokens: int, now: float | None) -> Change | None:
+        """Settled (latency signal): every answer, not only the cohort's, feeds the latency per
+        token of the last few answers. ``FAST_DRIFT`` times the settled level means capacity was
+        lost: cut by that factor at once, then (phase ``measuring``) set the window to the token
+        throughput of the next answers times the settled latency per token (Little's law: what
+        the server now serves at the settled latency)."""
+        if self.uses_metrics or self._reference is None or self.phase not in (
+                "steady", "probing", "measuring"):
+            return None
+        self._recent.append((now, seconds, max(1, tokens)))
+        if len(self._recent) < self._recent.maxlen:
+            return None
+        reference = self._reference.per_token()
+        if self.phase == "measuring":
+            first, last = self._recent[0][0], self._recent[-1][0]
+            throughput = sum(t for _, _, t in list(self._recent)[1:]) / max(1e-9, last - first)
+            self.phase = "stepping_down"
+            change = self._set(min(self.window, max(1, int(throughput * reference))),
+                               f"capacity lost: the server now serves {throughput:.0f} "
+                               "tokens/s")
+            self._previous = None
+            return change
+        level = sum(s for _, s, _ in self._recent) / sum(t for _, _, t in self._recent)
+        if level <= FAST_DRIFT * reference:
+            return None
+        change = self._jump_down(self._current, level / reference)
+        if now is not None:
+            self.phase = "measuring"
+        return change
 
     def on_lost(self, tag: int | None) -> Change | None:
         """A request tagged ``tag`` ended without an answer (error, retry, cancelled)."""
@@ -188,6 +227,8 @@ class WindowController:
                 return self._jump_down(current, drift)
             if e is not None and e >= SATURATED:
                 return self._step_down(current, f"still queueing one step down (e={e:.2f})")
+            if e is not None and e < 0:  # slower at a smaller window: the server lost capacity
+                return self._step_down(current, f"latency rose as the window fell (e={e:.2f})")
             if e is not None and previous is not None:  # the window one step up did not queue
                 return self._settle(previous, e, back_to=previous.window,
                                     reason=f"one step down gains nothing (e={e:.2f})")
@@ -220,8 +261,8 @@ class WindowController:
         return current.per_token() / self._reference.per_token()
 
     def _jump_down(self, current: _Epoch, drift: float) -> Change | None:
-        """Latency rose ``drift`` times above the settled level (capacity lost): the window that
-        gives that level back is about ``window / drift`` (Little's law); then step down."""
+        """Capacity lost: divide the window by ``drift`` (latency now over the settled level, or
+        the window over what the measured throughput needs); then step down if still queueing."""
         self.phase = "stepping_down"
         change = self._set(max(1, int(current.window / drift)),
                            f"latency per token rose {drift:.1f}x above the settled level")
@@ -274,5 +315,8 @@ class WindowController:
             self._previous = self._current
         old, self.window = self.window, window
         self.epoch += 1
-        self._current = _Epoch(window)
+        # after a rise the first sends join a queue still shaped by the old window; after a cut
+        # nothing is sent until in flight is under the new window, so no turnover is needed
+        self._current = _Epoch(window, skip=window if window > old else 0)
+        self._recent = collections.deque(maxlen=self._needed(window))
         return Change(old, window, reason) if window != old else None

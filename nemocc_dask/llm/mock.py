@@ -355,7 +355,7 @@ class MockLLMServer:
         body = await request.json()
         if self._engine is None:
             return self._error(400, "this mock was started without --capacity")
-        self._engine.capacity = int(body["capacity"])
+        self._engine.set_capacity(int(body["capacity"]))
         return web.json_response({"capacity": self._engine.capacity})
 
     async def _sample_in_flight(self):

@@ -4,8 +4,8 @@ At most ``capacity`` sequences decode at once; the others wait in a FIFO queue. 
 sequences decode, each advances one token every ``t0 * (1 + b / knee)`` seconds, so more
 sequences give more tokens per second up to ``capacity`` (``capacity / (t0 * (1 + capacity /
 knee))`` at most) and past it only longer queues. The engine ticks every ``TICK_SECONDS`` while it
-has work. ``capacity`` may be changed while it runs (a smaller one lets the running sequences
-finish, and admits no more until fewer run).
+has work. ``set_capacity`` changes the capacity while it runs (a smaller one lets the running
+sequences finish, and admits no more until fewer run).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class DecodeEngine:
         self.capacity = capacity
         self.t0 = t0
         self.knee = float(knee or capacity)
+        self._knee_is_capacity = knee is None
         self.queue: collections.deque[_Sequence] = collections.deque()
         self.running: list[_Sequence] = []
         self.total_queue_wait = 0.0
@@ -41,6 +42,12 @@ class DecodeEngine:
         self.decoded_tokens = 0.0
         self._wake = asyncio.Event()
         self._task = asyncio.ensure_future(self._loop())
+
+    def set_capacity(self, capacity: int) -> None:
+        """A new capacity (with the default knee, the knee moves with it: a smaller server)."""
+        self.capacity = capacity
+        if self._knee_is_capacity:
+            self.knee = float(capacity)
 
     def seconds_per_token(self, batch: int) -> float:
         return self.t0 * (1 + batch / self.knee)

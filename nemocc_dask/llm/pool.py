@@ -170,7 +170,7 @@ class Endpoint:
             0.9 * self.per_token + 0.1 * per_token)
         self.series.answer(latency, tokens, self.window_now)
         if self.controller is not None:
-            return self.controller.on_answer(tag, latency, tokens)
+            return self.controller.on_answer(tag, latency, tokens, time.monotonic())
         # fixed window after a 429 cut: back by max_window/16 per round trip
         self.window = min(self.max_window,
                           self.window + max(1.0, self.max_window / 16) / max(1.0, self.window))
