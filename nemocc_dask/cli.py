@@ -233,7 +233,7 @@ def cmd_demo(args) -> int:
 
     out = Path(args.output or Path(tempfile.gettempdir()) / "nemocc-dask-demo")
     with MockLLMServer(latency=0.05, per_token_latency=0.0005, tokenizer="bundled") as server:
-        llm = LLMConfig(base_url=server.base_url, model="mock", max_in_flight=64)
+        llm = LLMConfig(base_url=server.base_url, model="mock")
         print(f"mock LLM server on {server.base_url}; sample corpus {io.SAMPLE_PATH}",
               file=sys.stderr)
         with _client(args):
