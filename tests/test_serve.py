@@ -153,3 +153,35 @@ def test_serving_without_a_cluster_says_how_to_get_one(tmp_path, monkeypatch):
     with pytest.raises(StartError, match="needs a Dask cluster"):
         run_to_parquet(tmp_path / "docs.parquet", tmp_path / "out", "knowledge_list",
                        LLMConfig(model="m", serve=ServeSpec(MOCK)), show_progress=False)
+
+
+from test_cluster import slurm_test  # noqa: E402  (the SLURM marks, shared with those tests)
+
+
+@slurm_test(timeout=400)
+def test_slurm_workers_each_serve_the_model_and_stop_it(tmp_path):
+    """On the single-node slurmctld: two worker jobs, each starts its own server, both serve
+    requests, and no server process is left after the run."""
+    from nemocc_dask.cluster import make_client
+
+    path = tmp_path / "docs.parquet"
+    make_docs(60).to_parquet(path)
+    client = make_client("slurm", queue="debug", cores=1, memory="2GB", walltime="00:10:00",
+                         jobs=2, interface="lo", log_directory=str(tmp_path / "logs"),
+                         scheduler_options={"host": "127.0.0.1", "dashboard_address": None})
+    try:
+        client.wait_for_workers(2, timeout=120)
+        report = run_to_parquet(path, tmp_path / "out", "knowledge_list",
+                                LLMConfig(model="mock", serve=ServeSpec(MOCK + " --latency 0.01",
+                                                                        startup_timeout=120)),
+                                rows_per_partition=10, show_progress=False)
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+    servers = report["served"]["servers"]
+    assert report["accounted"] and len({s["url"] for s in servers}) == 2
+    assert all(sum(i["req_per_s"] for i in series)
+               for series in report["endpoint_series"].values())
+    assert set(report["endpoint_series"]) == {s["url"] for s in servers}
+    assert not any(_alive(pid) for s in servers for pid in s["pids"])
