@@ -3,10 +3,12 @@
 Every Dask task on a worker process that needs completions calls ``get_pool(llm).stream(requests)``
 and iterates over results as they finish. All partitions running on the worker share one window per
 endpoint: a slot is handed to the next waiting request the moment one frees up (no waves). Requests
-waiting out a backoff hold no slot. An endpoint's window is the smaller of its cap and its adaptive
-size: 429/503 halve the adaptive size (at most once per mean latency); each success grows it back by
-one. An endpoint whose connections keep failing is taken out for a cool-down; its requests go to
-the others.
+waiting out a backoff hold no slot. An endpoint's limit is the smaller of its cap and its window:
+with ``max_in_flight="auto"`` the window its ``concurrency.WindowController`` learns (fed with
+every answer, and with the server's queue from ``/metrics`` polled every ``METRICS_SECONDS``);
+with a fixed number, that number, halved by 429/503 (at most once per mean latency) and grown
+back by 1/16 of it per round trip. A ``Retry-After`` pauses the whole endpoint. An endpoint whose
+connections keep failing is taken out for a cool-down; its requests go to the others.
 
 The cap: on a Dask worker, the pool's share of the cluster-wide ``max_in_flight``, learned from the
 scheduler's allocator (``budget``) about every 0.1 s; with ``max_in_flight_per_worker``, or
