@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.cluster import Sampler
 from benchmarks.suites import MockProcess, _table, bench_corpus
-from nemocc_dask.llm.config import LLMConfig
+from nemocc_dask.llm.config import LLMConfig, server_root
 from nemocc_dask.llm.pool import Request, new_pool
 from nemocc_dask.presets import PRESETS
 
@@ -112,8 +112,8 @@ def _drop_run(metrics: bool, seconds: float, drop_at: float) -> dict:
     if not metrics:
         options["no_metrics"] = True
     with MockProcess(0, **options) as server, Sampler(server.base_url, every=0.1) as sampler:
-        root = server.base_url.rsplit("/v1", 1)[0]
-        timer = threading.Timer(drop_at, _post, (root + "/mock/capacity", {"capacity": 128}))
+        timer = threading.Timer(drop_at, _post, (server_root(server.base_url) + "/mock/capacity",
+                                                 {"capacity": 128}))
         timer.start()
         drove = _drive([server.base_url], "auto", seconds, 512 / 1.0)
         timer.join()
@@ -130,7 +130,8 @@ def _drop_run(metrics: bool, seconds: float, drop_at: float) -> dict:
 def _two_speeds(seconds: float) -> dict:
     with MockProcess(0, capacity=64, per_token_latency=0.005, latency=0) as fast, \
             MockProcess(0, capacity=64, per_token_latency=0.01, latency=0) as slow, \
-            Sampler(fast.base_url, every=1.0) as fast_s, Sampler(slow.base_url, every=1.0) as slow_s:
+            Sampler(fast.base_url, every=1.0) as fast_s, \
+            Sampler(slow.base_url, every=1.0) as slow_s:
         drove = _drive([fast.base_url, slow.base_url], "auto", seconds, 400)
     fast_n, slow_n = fast_s.stats[-1][1]["completed"], slow_s.stats[-1][1]["completed"]
     return {"fast_answers": fast_n, "slow_answers": slow_n,

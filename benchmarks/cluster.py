@@ -17,13 +17,14 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks.suites import MockProcess, _table, bench_corpus
+from nemocc_dask.llm.config import server_root
 
 
 class Sampler:
     """Samples the mock's ``/mock/stats`` (in flight, completed) every ``every`` seconds."""
 
     def __init__(self, base_url: str, every: float = 0.05):
-        self.url = base_url.rsplit("/v1", 1)[0] + "/mock/stats"
+        self.url = server_root(base_url) + "/mock/stats"
         self.every = every
         self.samples: list[tuple[float, int, int]] = []  # (time, in flight, completed)
         self.stats: list[tuple[float, dict]] = []  # (time, everything /mock/stats said)

@@ -20,7 +20,8 @@ from nemocc_dask.tokenizer import load_tokenizer, prompt_overhead_tokens
 
 __all__ = [
     "LLMConfig", "MockLLMServer", "PRESETS", "PreflightError", "Preempted", "RunError",
-    "StartError", "TaskPreset", "find_served_tokenizer", "generate", "get_preset", "load_tokenizer", "make_client",
+    "StartError", "TaskPreset", "find_served_tokenizer", "generate", "get_preset",
+    "load_tokenizer", "make_client",
     "make_task", "postprocess", "preprocess", "prompt_overhead_tokens", "read_input",
     "run_nemotron_cc", "run_nemotron_cc_to_parquet", "run_task", "run_to_parquet", "to_gpu",
 ]

@@ -41,18 +41,19 @@ def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
                                    " default: MODEL)")
     served = p.add_argument_group("served model (start the server next to each worker)")
     served.add_argument("--serve", metavar="COMMAND|PRESET:MODEL",
-                   help="command template with {port} ({host}, {gpu} optional), e.g. 'vllm serve "
-                        "/models/llama --host {host} --port {port}', or vllm:MODEL, "
-                        "sglang:MODEL, llamacpp:MODEL.gguf")
-    served.add_argument("--serve-health", help="health path (default: /v1/models; presets /health)")
+                        help="command template with {port} ({host}, {gpu} optional), e.g. "
+                             "'vllm serve /models/llama --host {host} --port {port}', or "
+                             "vllm:MODEL, sglang:MODEL, llamacpp:MODEL.gguf")
+    served.add_argument("--serve-health",
+                        help="health path (default: /v1/models; presets /health)")
     served.add_argument("--serve-startup-timeout", type=float, default=600.0,
-                   help="seconds a server may take to become healthy (default 600)")
+                        help="seconds a server may take to become healthy (default 600)")
     served.add_argument("--serve-per", choices=["worker", "gpu"], default="worker",
-                   help="one server per worker, or per GPU of the worker (default worker)")
+                        help="one server per worker, or per GPU of the worker (default worker)")
     served.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment of the server processes (repeatable)")
+                        help="environment of the server processes (repeatable)")
     served.add_argument("--serve-max-restarts", type=int, default=3,
-                   help="restarts of a server that exits or stops answering (default 3)")
+                        help="restarts of a server that exits or stops answering (default 3)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default OPENAI_API_KEY)")
     g.add_argument("--max-in-flight", type=_in_flight, default="auto",
@@ -248,7 +249,8 @@ def cmd_demo(args) -> int:
 def cmd_serve_mock(args) -> int:
     from nemocc_dask.llm.mock import serve_forever
 
-    serve_forever(port=args.port, host=args.host, models=tuple(args.model or ["mock"]), latency=args.latency,
+    serve_forever(port=args.port, host=args.host, models=tuple(args.model or ["mock"]),
+                  latency=args.latency,
                   per_token_latency=args.per_token_latency, max_concurrency=args.max_concurrency,
                   rate_429=args.rate_429, rate_500=args.rate_500, rate_drop=args.rate_drop,
                   api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,

@@ -14,10 +14,10 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask
 
@@ -27,8 +27,9 @@ from nemocc_dask.gpu import to_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.generate import prompt_limit
 from nemocc_dask.llm.preflight import preflight
-from nemocc_dask.output_folder import (MANIFEST, SERVE_LOGS, OutputError, OutputLock, check_output,
-                                       prepare_output)
+from nemocc_dask.llm.telemetry import describe_endpoints, merge_series
+from nemocc_dask.output_folder import (MANIFEST, SERVE_LOGS, OutputError, OutputLock,
+                                       check_output, prepare_output)
 from nemocc_dask.partition_job import (PartitionPlan, finished_stats, journal_path,
                                        process_partition)
 from nemocc_dask.pipeline import require_columns, resolve_task
@@ -37,7 +38,6 @@ from nemocc_dask.report import aggregate
 from nemocc_dask.stages.route import Route
 from nemocc_dask.storage import as_path, is_remote, refresh
 from nemocc_dask.served_tokenizer import find_served_tokenizer
-from nemocc_dask.llm.telemetry import describe_endpoints, merge_series
 from nemocc_dask.tokenizer import BUNDLED, load_tokenizer, prompt_overhead_tokens, tokenizer_name
 
 logger = logging.getLogger(__name__)
@@ -247,11 +247,13 @@ def _tokenizers(jobs: list[Job], tokenizer: str | None) -> dict[str, Any]:
     if tokenizer is not None:
         return {job.preset.name: None if tokenizer == BUNDLED else tokenizer for job in jobs}
     found: dict[tuple, Any] = {}
+    chosen = {}
     for job in jobs:
         key = (job.llm.model, job.llm.endpoints)
         if key not in found:
             found[key] = find_served_tokenizer(job.llm)
-    return {job.preset.name: found[(job.llm.model, job.llm.endpoints)] for job in jobs}
+        chosen[job.preset.name] = found[key]
+    return chosen
 
 
 def _warn_without_chat_template(tokenizer: Any, presets: list[TaskPreset]) -> None:
@@ -387,18 +389,13 @@ def _schedule(jobs: list[Job], parts: list, plans: dict, retry_failed: bool):
     return tasks, out_dirs, pending, redone
 
 
-class _Servers(contextlib.ExitStack):
-    """The served model's servers of a run (none unless a job's LLMConfig has ``serve``);
-    ``status`` gives every server's URL, PIDs and restarts while they run."""
-
-    status = None
-
-
-def _serve(jobs: list[Job], servers: _Servers) -> list[Job]:
-    """Start the served model on every worker if the jobs ask for one; the jobs get its URLs."""
+def _serve(jobs: list[Job], stack: contextlib.ExitStack):
+    """Start the served model on every worker if the jobs ask for one (stopped when ``stack``
+    closes). Returns the jobs with the servers' URLs, and a callable giving every server's URL,
+    PIDs and restarts (None without a served model)."""
     specs = [job.llm.serve for job in jobs if job.llm.serve is not None]
     if not specs:
-        return jobs
+        return jobs, None
     if any(spec != specs[0] for spec in specs):
         raise ConfigError("all tasks of a run must use the same served model (--serve)")
     from nemocc_dask.serve import serving
@@ -413,11 +410,11 @@ def _serve(jobs: list[Job], servers: _Servers) -> list[Job]:
         local = not is_remote(root)
         spec = dataclasses.replace(spec, log_dir=str(root / SERVE_LOGS) if local
                                    else tempfile.mkdtemp(prefix="nemocc-serve-logs-"))
-    servers.status = servers.enter_context(serving(client, spec))
-    urls = tuple(sorted(s["url"] for s in servers.status()))
+    status = stack.enter_context(serving(client, spec))
+    urls = tuple(sorted(s["url"] for s in status()))
     logger.info("served model up on %d server(s): %s", len(urls), ", ".join(urls))
     return [dataclasses.replace(job, llm=dataclasses.replace(job.llm, base_url=urls, serve=spec))
-            for job in jobs]
+            for job in jobs], status
 
 
 def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: str = "id",
@@ -433,7 +430,7 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
     requests are redone, resending only the failed requests. Raises RunError when a partition
     fails (e.g. the failure budget stopped an endpoint) or the counts do not add up.
     """
-    with _Servers() as servers:
+    with contextlib.ExitStack() as servers:
         started = time.time()
         with start_checks():
             ddf, ids, inputs, n_parts = _load_input(data, rows_per_partition, id_field)
@@ -444,21 +441,22 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                 if job.route is not None:
                     needed["quality"] = job.route.field
                 require_columns(ddf.columns, needed)
-            jobs = _serve(jobs, servers)
+            jobs, served_status = _serve(jobs, servers)
             jobs = [_with_served_context(job, preflight(job.llm)) for job in jobs]
             tokenizers = _tokenizers(jobs, tokenizer)
             for name in {tokenizer_name(t) for t in tokenizers.values()}:
                 same = [job for job in jobs if tokenizer_name(tokenizers[job.preset.name]) == name]
                 _warn_without_chat_template(tokenizers[same[0].preset.name],
                                             [job.preset for job in same])
-            materials = {job.preset.name: fingerprint(job, inputs, tokenizers[job.preset.name], seed,
-                                                      id_field) for job in jobs}
-            modes = {job.preset.name: check_output(job.out_dir, materials[job.preset.name], overwrite)
-                     for job in jobs}
+            materials = {job.preset.name: fingerprint(job, inputs, tokenizers[job.preset.name],
+                                                      seed, id_field) for job in jobs}
+            modes = {job.preset.name: check_output(job.out_dir, materials[job.preset.name],
+                                                   overwrite) for job in jobs}
             input_rows = io.check_ids(ids if ids is not None else ddf, id_field)
         for job in jobs:
-            logger.info("task %s: %d partitions, endpoint(s) %s, model %r, tokenizer %s, output %s",
-                        job.preset.name, n_parts, ", ".join(job.llm.endpoints), job.llm.model,
+            logger.info("task %s: %d partitions, endpoint(s) %s, model %r, tokenizer %s, "
+                        "output %s", job.preset.name, n_parts, ", ".join(job.llm.endpoints),
+                        job.llm.model,
                         tokenizer_name(tokenizers[job.preset.name]), job.out_dir)
         with contextlib.ExitStack() as locks:
             for job in jobs:
@@ -467,7 +465,8 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
             _register_pool_plugin()
             parts = ddf.to_delayed()
             plans = {job.preset.name: PartitionPlan(job.preset, job.llm, str(job.out_dir),
-                                                    tokenizers[job.preset.name], id_field, seed, retry_failed, job.route)
+                                                    tokenizers[job.preset.name], id_field, seed,
+                                                    retry_failed, job.route)
                      for job in jobs}
             tasks, out_dirs, pending, redone = _schedule(jobs, parts, plans, retry_failed)
             if any(redone.values()):
@@ -477,7 +476,7 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                           _endpoint_statuses) as progress:
                 _compute(tasks, out_dirs, progress)
             series = _endpoint_series(started)
-            served = servers.status() if servers.status else None
+            served = served_status() if served_status else None
             return {job.preset.name: _write_report(job, tokenizers[job.preset.name], n_parts,
                                                    pending[job.preset.name], input_rows,
                                                    time.time() - started, series, served)

@@ -2,10 +2,10 @@
 feed it, and stop it.
 
 ``ServeSpec`` is a command template (``{host}``, ``{port}``, ``{gpu}``) or a preset
-(``vllm:/models/llama``, ``sglang:...``, ``llamacpp:model.gguf``). ``ServePlugin`` (a ``distributed``
-worker plugin, so workers that join later get their servers too) starts the server(s) on each
-worker in their own process group with stdout/stderr in a log file, waits until the health path
-answers, restarts a server that exits or stops answering (at most ``max_restarts`` times), and
+(``vllm:/models/llama``, ``sglang:...``, ``llamacpp:model.gguf``). ``ServePlugin`` (a
+``distributed`` worker plugin, so workers that join later get their servers too) starts the
+server(s) on each worker in their own process group with stdout/stderr in a log file, waits
+until the health path answers, restarts a server that exits or stops answering (at most ``max_restarts`` times), and
 kills the process group when the worker closes. A worker's pool sends to its own servers
 (``local_urls``); the run's ``LLMConfig`` lists every server for the start-up check.
 
@@ -34,6 +34,7 @@ from pathlib import Path
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from nemocc_dask.errors import StartError
+from nemocc_dask.output_folder import SERVE_LOGS
 
 logger = logging.getLogger(__name__)
 
@@ -71,16 +72,15 @@ class ServeSpec:
     def __post_init__(self) -> None:
         if self.per not in ("worker", "gpu"):
             raise ValueError(f"serve per must be 'worker' or 'gpu' (got {self.per!r})")
-        for key in ("{port}",):
-            if key not in self.command:
-                raise ValueError(f"the serve command must contain {key} (the server's port): "
-                                 f"{self.command!r}")
+        if "{port}" not in self.command:
+            raise ValueError("the serve command must contain {port} (the server's port): "
+                             f"{self.command!r}")
 
     @classmethod
     def parse(cls, text: str, **options) -> "ServeSpec":
         """A command template, or ``PRESET:MODEL`` (vllm, sglang, llamacpp)."""
         name, _, model = text.partition(":")
-        if name in PRESETS and model and " " not in name:
+        if name in PRESETS and model:
             command, health = PRESETS[name]
             options.setdefault("health", health)
             return cls(command.replace("{model}", shlex.quote(model)), model=model, **options)
@@ -112,6 +112,7 @@ class ServedProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        self.health_failures = 0  # failed health checks in a row since the last start
         self.pids: list[int] = []
 
     @property
@@ -136,6 +137,7 @@ class ServedProcess:
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True)
         self.pids.append(self.proc.pid)
+        self.health_failures = 0
 
     def healthy(self, timeout: float = 5.0) -> bool:
         try:
@@ -192,7 +194,7 @@ def _gpus(spec: ServeSpec) -> list[str]:
     if not visible:
         raise ServeError("--serve-per gpu, but CUDA_VISIBLE_DEVICES is empty on "
                          f"{socket.gethostname()}: no GPU to serve on")
-    return visible[:1] if os.environ.get("DASK_CUDA_WORKER") or _is_dask_cuda() else visible
+    return visible[:1] if _is_dask_cuda() else visible
 
 
 def _is_dask_cuda() -> bool:
@@ -216,7 +218,7 @@ class ServePlugin(WorkerPlugin):
 
     async def setup(self, worker) -> None:
         host = worker.address.split("://", 1)[-1].rsplit(":", 1)[0]
-        logs = Path(self.spec.log_dir or os.path.join(os.getcwd(), "serve-logs"))
+        logs = Path(self.spec.log_dir or os.path.join(os.getcwd(), SERVE_LOGS))
         for gpu in _gpus(self.spec):
             server = ServedProcess(self.spec, host, gpu, logs / f"{socket.gethostname()}-"
                                    f"{os.getpid()}-{gpu or 'cpu'}.log")
@@ -232,15 +234,14 @@ class ServePlugin(WorkerPlugin):
     async def _supervise(self) -> None:
         """Restart a server that exited or stopped answering (at most max_restarts times)."""
         loop = asyncio.get_running_loop()
-        failures = {id(s): 0 for s in self.servers}
         while True:
             await asyncio.sleep(HEALTH_POLL_SECONDS)
             for server in self.servers:
                 exited = server.proc.poll() is not None
                 if not exited:
                     ok = await loop.run_in_executor(None, server.healthy)
-                    failures[id(server)] = 0 if ok else failures[id(server)] + 1
-                if not (exited or failures[id(server)] >= HEALTH_FAILURES_BEFORE_RESTART):
+                    server.health_failures = 0 if ok else server.health_failures + 1
+                if not (exited or server.health_failures >= HEALTH_FAILURES_BEFORE_RESTART):
                     continue
                 if server.restarts >= self.spec.max_restarts:
                     continue  # left down: the pool's failure budget stops the run if it must
@@ -250,7 +251,6 @@ class ServePlugin(WorkerPlugin):
                 await loop.run_in_executor(None, server.stop)
                 server.restarts += 1
                 server.start()
-                failures[id(server)] = 0
                 with contextlib.suppress(ServeError):
                     await server.wait_healthy()
 

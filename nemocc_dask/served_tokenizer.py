@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nemocc_dask import prompts
-from nemocc_dask.llm.config import LLMConfig
+from nemocc_dask.llm.config import LLMConfig, server_root
 from nemocc_dask.tokenizer import count_tokens_list, load_tokenizer, tokenizer_name
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,6 @@ PROBE_TEXTS = (
 TOKENIZE_TIMEOUT = 30.0
 TOKENIZE_THREADS = 16
 TOKENIZE_ATTEMPTS = 3
-
-
-def _root(base_url: str) -> str:
-    """The server root that carries ``/tokenize``: ``base_url`` without a trailing ``/v1``."""
-    return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
 
 
 def _post_json(url: str, body: dict, api_key: str | None, timeout: float) -> dict:
@@ -123,7 +118,7 @@ class ServedTokenizer:
 def find_tokenize_route(llm: LLMConfig) -> ServedTokenizer | None:
     """The first endpoint's ``/tokenize`` route that answers in the vLLM or llama.cpp shape."""
     for url in llm.base_url:
-        root = _root(url)
+        root = server_root(url)
         for flavour, body, answered in (
                 ("vllm", {"model": llm.model, "prompt": "Hello world"},
                  lambda a: isinstance(a.get("count"), int)),
@@ -158,12 +153,6 @@ def _loadable(spec: str | None) -> bool:
         return False
 
 
-def _agrees(spec: str | None, route: ServedTokenizer) -> bool:
-    """Whether ``spec`` counts the probe texts as the server does."""
-    texts = list(PROBE_TEXTS)
-    return count_tokens_list(load_tokenizer(spec), texts) == route.count_texts(texts)
-
-
 def find_served_tokenizer(llm: LLMConfig) -> Any:
     """The tokenizer spec for ``llm``'s model (see the module docstring): a local spec (str),
     a ``ServedTokenizer``, or None (the bundled default)."""
@@ -172,8 +161,9 @@ def find_served_tokenizer(llm: LLMConfig) -> Any:
     local = [spec for spec in _local_specs(llm.model) if _loadable(spec)]
     route = find_tokenize_route(llm) if llm.client_factory is None else None
     if route is not None:
+        served = route.count_texts(PROBE_TEXTS)  # asked once, compared with every candidate
         for spec in local + [None]:
-            if _agrees(spec, route):
+            if count_tokens_list(load_tokenizer(spec), list(PROBE_TEXTS)) == served:
                 logger.info("tokenizer %s matches the server's /tokenize for model %r",
                             tokenizer_name(spec), llm.model)
                 return spec

@@ -118,9 +118,9 @@ def _gguf_tokenizer(path: Path):
 
 
 def load_tokenizer(spec: Any = None):
-    """Return a fast tokenizer for ``spec``: None or "bundled" (offline default), a HF hub name present in the
-    local cache, a local folder, a ``tokenizer.json`` path or a ``.gguf`` model file (its embedded
-    tokenizer). A tokenizer object (or a ``ServedTokenizer``) is returned as is.
+    """Return a fast tokenizer for ``spec``: None or "bundled" (offline default), a HF hub name
+    present in the local cache, a local folder, a ``tokenizer.json`` path or a ``.gguf`` model
+    file (its embedded tokenizer). A tokenizer object (or a ``ServedTokenizer``) is returned as is.
     Cached per process.
     """
     if isinstance(spec, os.PathLike):

@@ -29,7 +29,8 @@ def _learned_window(server, n: int) -> tuple[int, list[int]]:
     try:
         list(pool.stream(_requests(n)))
         endpoint = pool.endpoints[0]
-        return endpoint.window_now, [b["window"] for _, b in sorted(endpoint.series.buckets.items())]
+        windows = [b["window"] for _, b in sorted(endpoint.series.buckets.items())]
+        return endpoint.window_now, windows
     finally:
         pool.close()
 

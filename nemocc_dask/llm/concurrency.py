@@ -22,11 +22,13 @@ Signals, in order of preference:
   *elasticity* of latency to the window, e = dln(latency) / dln(window). Below the batching
   capacity more sequences cost little latency (e well under 1); past it latency rises in
   proportion (e = 1, pure queueing). Slow start doubles while e < ``GROW_BELOW``; then it jumps
-  below the overshoot (Little's law, ``_leave_slow_start``) and steps down by ``DOWN_STEP`` while each step down still shows e >= ``SATURATED``, and settles one
-  step up from the first step down that gains nothing. Steady: probe +10% now and then (kept
-  when e stays low); latency per token ``DRIFT`` times above the settled level at the same
-  window (capacity lost) divides the window by that factor (Little's law), then steps down.
-* 429/503 halve the window (at most once per epoch).
+  below the overshoot (Little's law, ``_leave_slow_start``) and steps down by ``DOWN_STEP``
+  while each step down still shows e >= ``SATURATED``, and settles one step up from the first
+  step down that gains nothing. Steady: probe +10% now and then (kept when e stays low). Capacity
+  lost: latency per token ``FAST_DRIFT`` times the settled level over the last answers (or
+  ``DRIFT`` times over an epoch) cuts the window at once, then sets it from the measured token
+  throughput times the settled latency per token (Little's law), then steps down if needed.
+* 429/503 halve the window (at most once per round trip).
 
 The controller is pure (no I/O, no clock of its own): the pool feeds it and applies the window.
 """
@@ -230,14 +232,14 @@ class WindowController:
             if e is not None and e < 0:  # slower at a smaller window: the server lost capacity
                 return self._step_down(current, f"latency rose as the window fell (e={e:.2f})")
             if e is not None and previous is not None:  # the window one step up did not queue
-                return self._settle(previous, e, back_to=previous.window,
+                return self._settle(previous, back_to=previous.window,
                                     reason=f"one step down gains nothing (e={e:.2f})")
-            return self._settle(current, e)
+            return self._settle(current)
         if self.phase == "probing":
             if e is not None and e >= SATURATED and previous is not None:
-                return self._settle(previous, e, back_to=previous.window,
+                return self._settle(previous, back_to=previous.window,
                                     reason=f"probe up only queued (e={e:.2f})")
-            return self._settle(current, e)
+            return self._settle(current)
         return self._steady_epoch_done(current)
 
     def _steady_epoch_done(self, current: _Epoch) -> Change | None:
@@ -283,7 +285,7 @@ class WindowController:
         self.phase = "stepping_down"
         return self._set(max(1, int(current.window * DOWN_STEP)), reason, keep=current)
 
-    def _settle(self, reference: _Epoch, e: float | None, back_to: int | None = None,
+    def _settle(self, reference: _Epoch, back_to: int | None = None,
                 reason: str = "settled") -> Change | None:
         """Hold a window (``back_to``, else the current one) whose latency is ``reference``'s."""
         self.phase = "steady"

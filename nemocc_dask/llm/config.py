@@ -13,6 +13,12 @@ from nemocc_dask.presets import TaskPreset
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "n")
 
 
+def server_root(base_url: str) -> str:
+    """The server's root for routes outside the OpenAI API (``/tokenize``, ``/metrics``):
+    ``base_url`` without a trailing ``/v1``."""
+    return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+
+
 @dataclass(frozen=True)
 class LLMConfig:
     """An OpenAI-compatible endpoint set (or a custom client factory) and its settings.

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator
 from nemocc_dask.errors import Preempted, RunError
 from nemocc_dask.llm.client import Completion, LLMRequestError, OpenAIHTTPClient, RetryableError
 from nemocc_dask.llm.concurrency import Change, WindowController
-from nemocc_dask.llm.config import LLMConfig
+from nemocc_dask.llm.config import LLMConfig, server_root
 from nemocc_dask.llm.telemetry import INTERVAL_SECONDS, EndpointSeries, parse_queue_metrics
 
 CONNECTION_FAILURES_BEFORE_COOLDOWN = 3
@@ -121,8 +121,8 @@ class Endpoint:
     def status(self) -> dict:
         """What the progress line shows about this endpoint (sent with budget reports)."""
         return {"window": self.window_now, "in_flight": self.in_flight, "answers": self.answers,
-                "errors": self.finished_failed, "latency": round(self.mean_latency, 4),
-                "per_token": self.per_token, "unloaded": self.unloaded,
+                "errors": self.finished_failed, "per_token": self.per_token,
+                "unloaded": self.unloaded,
                 "waiting": self.queue[1] if self.queue else None,
                 "paused": self.cooldown_until > time.monotonic()}
 
@@ -442,11 +442,14 @@ class WorkerPool:
 
     async def _attempt(self, endpoint: Endpoint, request: Request) -> tuple[Completion, Any]:
         """One call on ``endpoint``, holding its slot until the call ends (or is cancelled);
-        returns the completion and the controller's tag for the request."""
+        returns the completion and the controller's tag for the request. A failed call counts
+        in the endpoint's series and, for the controller, as lost."""
         tag = endpoint.controller.sent() if endpoint.controller else None
         try:
             return await self._call(endpoint, request), tag
-        except BaseException:
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                endpoint.series.error(endpoint.window_now)
             if endpoint.controller is not None:
                 self._changed(endpoint, endpoint.controller.on_lost(tag))
             raise
@@ -467,7 +470,6 @@ class WorkerPool:
                 completion, tag = await self._attempt(endpoint, request)
             except RetryableError as exc:
                 now = time.monotonic()
-                endpoint.series.error(endpoint.window_now)
                 result.failed_endpoints.append(endpoint.name)
                 if exc.overload:
                     self._changed(endpoint, endpoint.on_overload(now))
@@ -481,11 +483,9 @@ class WorkerPool:
                 await asyncio.sleep(_backoff(result.attempts, *self._backoff, exc.retry_after))
                 continue
             except LLMRequestError as exc:
-                endpoint.series.error(endpoint.window_now)
                 result.failed_endpoints.append(endpoint.name)
                 return self._final_failure(endpoint, result, exc.error_class, str(exc))
             except Exception as exc:  # a custom client's own failure: the row fails, not the run
-                endpoint.series.error(endpoint.window_now)
                 result.failed_endpoints.append(endpoint.name)
                 return self._final_failure(endpoint, result, "client_error",
                                            f"client_error: {type(exc).__name__}: {exc}")
@@ -702,18 +702,13 @@ def _adapt(client, llm: LLMConfig):
     return client
 
 
-def _metrics_url(base_url: str) -> str:
-    """Where a vLLM/SGLang/TGI server serves Prometheus metrics: its root, not under /v1."""
-    root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
-    return root + "/metrics"
-
-
 def new_pool(llm: LLMConfig, window: int, budget=None) -> WorkerPool:
     """A fresh pool for ``llm`` with ``window`` slots per endpoint (learned below that with
     ``max_in_flight="auto"``), or with ``budget`` (a ``budget.BudgetLink``) at most ``window``
     as the allocator grants (the caller closes it)."""
     auto = llm.auto_window and llm.max_in_flight_per_worker is None
-    urls = {url: _metrics_url(url) for url in llm.base_url} if llm.client_factory is None else {}
+    urls = ({url: server_root(url) + "/metrics" for url in llm.base_url}  # vLLM, SGLang, TGI
+            if llm.client_factory is None else {})
     headers = {"Authorization": f"Bearer {llm.api_key}"} if llm.api_key else {}
     return WorkerPool(_factories(llm, window), window, llm.max_retries, llm.backoff_base,
                       llm.backoff_max, llm.endpoint_cooldown, llm.api_key,

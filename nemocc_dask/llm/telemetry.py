@@ -16,6 +16,8 @@ import math
 import re
 import time
 
+from nemocc_dask.llm.config import server_root
+
 INTERVAL_SECONDS = 5.0
 QUEUE_GAUGES = (("vllm:num_requests_running", "vllm:num_requests_waiting"),
                 ("sglang:num_running_reqs", "sglang:num_queue_reqs"),
@@ -102,11 +104,6 @@ def merge_series(series: list[dict[int, dict]]) -> list[dict]:
             for key, b in sorted(merged.items())]
 
 
-def _short(url: str) -> str:
-    name = url.split("://", 1)[-1]
-    return name[: -len("/v1")] if name.endswith("/v1") else name
-
-
 def describe_endpoints(statuses: dict[str, list[dict]]) -> str:
     """One progress-line segment per endpoint from every pool's status: in flight / window (summed
     over workers), the server's queue (from /metrics) or latency per token over the unloaded,
@@ -120,7 +117,7 @@ def describe_endpoints(statuses: dict[str, list[dict]]) -> str:
         answers = sum(h["answers"] for h in holders)
         errors = sum(h["errors"] for h in holders)
         waiting = [h["waiting"] for h in holders if h.get("waiting") is not None]
-        text = f"{_short(name)} {in_flight}/{window}"
+        text = f"{server_root(name).split('://', 1)[-1]} {in_flight}/{window}"
         if waiting:
             text += f" queue {max(waiting)}"
         else:
