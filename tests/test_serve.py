@@ -39,6 +39,20 @@ def _parts(folder) -> pd.DataFrame:
         drop=True)
 
 
+def _run_in_thread(path, out, llm, outcome):
+    def run():
+        outcome["report"] = run_to_parquet(path, out, "knowledge_list", llm, show_progress=False,
+                                           rows_per_partition=10)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60  # until answers are being journaled
+    while time.monotonic() < deadline and not list((out / "journal").glob("*")):
+        time.sleep(0.2)
+    time.sleep(1)
+    return thread
+
+
 def test_presets_expand_to_a_command_health_path_and_model():
     spec = ServeSpec.parse("vllm:/models/llama 3", startup_timeout=60)
     assert spec.command == "vllm serve '/models/llama 3' --host {host} --port {port}"
@@ -79,18 +93,8 @@ def test_a_server_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path, clus
     make_docs(120).to_parquet(path)
     spec = ServeSpec(MOCK + " --latency 0.3", startup_timeout=60)
     outcome = {}
-
-    def run():
-        outcome["report"] = run_to_parquet(path, tmp_path / "out", "knowledge_list",
-                                           LLMConfig(model="mock", serve=spec, backoff_base=0.2),
-                                           show_progress=False, rows_per_partition=10)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 60  # until answers are being journaled
-    while time.monotonic() < deadline and not list((tmp_path / "out" / "journal").glob("*")):
-        time.sleep(0.2)
-    time.sleep(1)
+    thread = _run_in_thread(path, tmp_path / "out", LLMConfig(model="mock", serve=spec,
+                                                             backoff_base=0.2), outcome)
     servers = [s for per in cluster_client.run(served_status).values() for s in per]
     os.kill(servers[0]["pids"][-1], signal.SIGKILL)
     thread.join(300)
@@ -98,6 +102,35 @@ def test_a_server_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path, clus
     assert report["served"]["restarts"] >= 1 and report["accounted"]
     assert report["failed_requests"] == 0 and not report["failed_by_class"]
     assert not any(_alive(pid) for s in report["served"]["servers"] for pid in s["pids"])
+
+
+@pytest.mark.slow
+def test_per_node_the_workers_share_one_server_restarted_once_when_killed(tmp_path,
+                                                                          cluster_client):
+    """--serve-per node: the two workers of the LocalCluster (one node) share one server; when
+    it is killed, exactly one of them restarts it (same URL) and nothing is lost; the last
+    worker to leave stops it."""
+    path = tmp_path / "docs.parquet"
+    make_docs(120).to_parquet(path)
+    spec = ServeSpec(MOCK + " --latency 0.3", startup_timeout=60, per="node")
+    outcome = {}
+    thread = _run_in_thread(path, tmp_path / "out", LLMConfig(model="mock", serve=spec,
+                                                             backoff_base=0.2), outcome)
+    seen = [s for per in cluster_client.run(served_status).values() for s in per]
+    assert len(seen) == 2 and len({s["url"] for s in seen}) == 1  # both workers, one server
+    assert seen[0]["pids"] == seen[1]["pids"] and len(seen[0]["pids"]) == 1
+    os.kill(seen[0]["pids"][0], signal.SIGKILL)
+    thread.join(300)
+    report = outcome["report"]
+    servers = report["served"]["servers"]
+    assert len(servers) == 1 and servers[0]["url"] == seen[0]["url"]
+    assert report["served"]["restarts"] == 1 and len(servers[0]["pids"]) == 2
+    assert servers[0]["workers"] == 2 and report["accounted"]
+    assert report["failed_requests"] == 0 and not report["failed_by_class"]
+    assert list(report["endpoint_series"]) == [servers[0]["url"]]
+    assert not any(_alive(pid) for pid in servers[0]["pids"])
+    assert [p.name for p in (tmp_path / "out" / "serve-logs").iterdir()] == [
+        os.path.basename(servers[0]["log"])]
 
 
 @pytest.mark.slow
@@ -158,10 +191,11 @@ def test_serving_without_a_cluster_says_how_to_get_one(tmp_path, monkeypatch):
 from test_cluster import slurm_test  # noqa: E402  (the SLURM marks, shared with those tests)
 
 
+@pytest.mark.parametrize("per, n_servers", [("worker", 2), ("node", 1)])
 @slurm_test(timeout=400)
-def test_slurm_workers_each_serve_the_model_and_stop_it(tmp_path):
-    """On the single-node slurmctld: two worker jobs, each starts its own server, both serve
-    requests, and no server process is left after the run."""
+def test_slurm_workers_serve_the_model_and_stop_it(tmp_path, per, n_servers):
+    """On the single-node slurmctld, two worker jobs: per worker, each starts its own server;
+    per node, they share one. Every server serves requests; none is left after the run."""
     from nemocc_dask.cluster import make_client
 
     path = tmp_path / "docs.parquet"
@@ -172,16 +206,51 @@ def test_slurm_workers_each_serve_the_model_and_stop_it(tmp_path):
     try:
         client.wait_for_workers(2, timeout=120)
         report = run_to_parquet(path, tmp_path / "out", "knowledge_list",
-                                LLMConfig(model="mock", serve=ServeSpec(MOCK + " --latency 0.01",
-                                                                        startup_timeout=120)),
+                                LLMConfig(model="mock", serve=ServeSpec(
+                                    MOCK + " --latency 0.01", startup_timeout=120, per=per)),
                                 rows_per_partition=10, show_progress=False)
     finally:
         cluster = client.cluster
         client.close()
         cluster.close()
     servers = report["served"]["servers"]
-    assert report["accounted"] and len({s["url"] for s in servers}) == 2
+    assert report["accounted"] and len({s["url"] for s in servers}) == n_servers
     assert all(sum(i["req_per_s"] for i in series)
                for series in report["endpoint_series"].values())
     assert set(report["endpoint_series"]) == {s["url"] for s in servers}
     assert not any(_alive(pid) for s in servers for pid in s["pids"])
+
+
+@pytest.mark.slow
+def test_a_node_server_outlives_the_worker_that_started_it_while_others_use_it(tmp_path):
+    """Two workers of one process (a threaded cluster) share the node's server: the starter
+    leaves, the server keeps serving the other; when it dies (as it does with its starting
+    worker's process) the other restarts it without counting a restart; the last one to leave
+    stops it and clears the meeting folder."""
+    import asyncio
+
+    from nemocc_dask.serve_node import NodeServer, meeting_folder
+
+    spec = ServeSpec(MOCK, startup_timeout=60, per="node", max_restarts=0)
+    folder = meeting_folder(f"tcp://test-{uuid.uuid4().hex}", spec)
+    first, second = (NodeServer(spec, "127.0.0.1", folder, tmp_path / "node.log",
+                                f"{os.getpid()}-{name}") for name in ("a", "b"))
+
+    async def scenario():
+        await first.join()
+        await second.join()
+        assert first.url == second.url and first.status()["workers"] == 2
+        pid = first.status()["pids"][0]
+        first.leave()
+        assert _alive(pid) and second.status()["workers"] == 1
+        os.kill(pid, signal.SIGKILL)
+        while second.status()["pids"] == [pid]:
+            await second.supervise_once()
+        await second.supervise_once()
+        assert second._healthy() and second.status()["restarts"] == 0
+        return second.status()["pids"]
+
+    pids = asyncio.run(scenario())
+    assert len(pids) == 2 and _alive(pids[1])
+    second.leave()
+    assert not any(_alive(pid) for pid in pids) and not (folder / "state.json").exists()

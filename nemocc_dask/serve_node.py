@@ -1,0 +1,196 @@
+"""One server per node, shared by the node's workers (``--serve-per node``).
+
+The workers of a node meet in a folder of the node's temporary directory named after the
+scheduler and the serve command, holding ``state.json`` (the server's port, PID, generation,
+restarts, users) and a lock file (``flock``). The first worker to join starts the server; the
+others use it. Every user watches it: the first to see it down restarts it on the same port
+(under the lock, so exactly once), the others adopt the new generation. The last worker to leave
+stops its process group; a worker that leaves while others remain leaves it running, but the
+server dies with the worker process that started it (PR_SET_PDEATHSIG) and is then restarted by
+the others (not counted against ``max_restarts``).
+
+Where each SLURM job has its own /tmp (a job_container plugin), workers of different jobs do
+not meet: each job then starts its own server, as with ``--serve-per worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from nemocc_dask.serve_process import (HEALTH_FAILURES_BEFORE_RESTART, HEALTH_POLL_SECONDS,
+                                       ServedProcess, ServeError, ServeSpec, alive, health_ok,
+                                       kill_group, log_tail)
+
+logger = logging.getLogger(__name__)
+
+
+def meeting_folder(scheduler: str, spec: ServeSpec) -> Path:
+    """The node-local folder where the workers of one cluster serving ``spec`` meet."""
+    key = hashlib.sha1(f"{scheduler}|{spec!r}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"nemocc-serve-{os.getuid()}" / key
+
+
+class NodeServer:
+    """This worker's share of its node's server."""
+
+    def __init__(self, spec: ServeSpec, host: str, folder: Path, log_path: Path, user: str):
+        self.spec, self.host, self.folder, self.log_path, self.user = (spec, host, folder,
+                                                                       log_path, user)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.state: dict = {}
+        self.process: ServedProcess | None = None  # when this worker started the current one
+        self.health_failures = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.state['port']}/v1"
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with open(self.folder / "lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads((self.folder / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write(self, state: dict) -> None:
+        tmp = self.folder / f"state.json.{os.getpid()}"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.folder / "state.json")
+
+    def _start(self, state: dict | None, counted: bool) -> dict:
+        """Start a new generation (under the lock) on the previous one's port; returns the state
+        with this worker as its starter."""
+        port = state["port"] if state else None
+        if self.process is not None:
+            self.process.proc.poll()  # reap the generation this worker started before
+        self.process = ServedProcess(self.spec, self.host, os.environ.get(
+            "CUDA_VISIBLE_DEVICES", ""), self.log_path, port)
+        self.process.start()
+        previous = state or {"generation": 0, "restarts": 0, "pids": [], "users": []}
+        new = {**previous, "port": self.process.port, "pid": self.process.proc.pid,
+               "generation": previous["generation"] + 1, "started": time.time(), "up": False,
+               "log": str(self.log_path), "owner": self.user,
+               "pids": previous["pids"] + [self.process.proc.pid],
+               "restarts": previous["restarts"] + (1 if counted else 0)}
+        self._write(new)
+        return new
+
+    async def join(self) -> None:
+        """Start the node's server or use the one running; return once it answers."""
+        with self._locked():
+            state = self._read()
+            if state is not None:
+                state["users"] = [u for u in state["users"] if alive(int(u.split("-")[0]))]
+                if not state["users"]:
+                    state = None  # left over from an earlier run
+            if state is None or not alive(state["pid"]):
+                state = self._start(state, counted=False)
+            state["users"].append(self.user)
+            self._write(state)
+        self.state = state
+        await self._wait_up()
+
+    async def _wait_up(self) -> None:
+        """Until the current generation answers; ServeError if it exits or does not answer in
+        time (the starter then marks it up for the other users)."""
+        if self.process is not None and self.process.proc.pid == self.state["pid"]:
+            await self.process.wait_healthy()
+            with self._locked():
+                state = self._read()
+                if state and state["generation"] == self.state["generation"]:
+                    state["up"] = True
+                    self._write(state)
+                    self.state = state
+            return
+        loop = asyncio.get_running_loop()
+        deadline = self.state["started"] + self.spec.startup_timeout
+        while time.time() < deadline:
+            if await loop.run_in_executor(None, self._healthy):
+                return
+            if not alive(self.state["pid"]):
+                raise ServeError(f"the node's served model (PID {self.state['pid']}) exited "
+                                 f"before it was healthy; last lines of {self.state['log']}:\n"
+                                 f"{log_tail(Path(self.state['log']))}")
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
+        raise ServeError(f"the node's served model did not answer {self.spec.health} within "
+                         f"{self.spec.startup_timeout:g} s (--serve-startup-timeout); last lines "
+                         f"of {self.state['log']}:\n{log_tail(Path(self.state['log']))}")
+
+    def _healthy(self) -> bool:
+        return health_ok(self.host, self.state["port"], self.spec.health)
+
+    def _starting(self, state: dict) -> bool:
+        return not state["up"] and time.time() - state["started"] < self.spec.startup_timeout
+
+    async def supervise_once(self) -> None:
+        """Restart the node's server if it is down and nobody has yet (at most max_restarts
+        times, not counting a restart after its starting worker left)."""
+        if self.process is not None:
+            self.process.proc.poll()  # reap it if it exited
+        state = self._read() or self.state
+        if state["generation"] != self.state["generation"]:
+            self.state, self.health_failures = state, 0
+        if alive(state["pid"]):
+            ok = await asyncio.get_running_loop().run_in_executor(None, self._healthy)
+            self.health_failures = 0 if ok or self._starting(state) else self.health_failures + 1
+            if self.health_failures < HEALTH_FAILURES_BEFORE_RESTART:
+                return
+        with self._locked():
+            state = self._read() or self.state
+            if state["generation"] != self.state["generation"]:
+                self.state = state  # another worker restarted it
+                return
+            orphaned = state["owner"] not in state["users"]
+            if state["restarts"] >= self.spec.max_restarts and not orphaned:
+                return
+            logger.warning("the node's served model at %s %s; restarting it", self.url,
+                           "left with the worker that started it" if orphaned
+                           else "is down or not answering")
+            if alive(state["pid"]):
+                kill_group(state["pid"])
+            self.state = self._start(state, counted=not orphaned)
+        self.health_failures = 0
+        with contextlib.suppress(ServeError):
+            await self._wait_up()
+
+    def leave(self) -> None:
+        """Leave the node's server; the last worker to leave stops it."""
+        with self._locked():
+            state = self._read()
+            if state is not None:
+                state["users"] = [u for u in state["users"]
+                                  if u != self.user and alive(int(u.split("-")[0]))]
+                if state["users"]:
+                    self._write(state)
+                else:
+                    (self.folder / "state.json").unlink()
+                    kill_group(state["pid"])
+        if self.process is not None and self.process.proc.poll() is None:
+            # it runs on for the others (until this process exits); reap it when it ends
+            threading.Thread(target=self.process.proc.wait, daemon=True,
+                             name="nemocc-serve-reap").start()
+
+    def status(self) -> dict:
+        state = self._read() or self.state
+        return {"url": self.url, "pids": state["pids"], "restarts": state["restarts"],
+                "log": state["log"], "per": "node", "workers": len(state["users"]),
+                "host": socket.gethostname()}
