@@ -19,8 +19,10 @@ srun --ntasks="$SLURM_NNODES" dask worker --scheduler-file "$SCHED_FILE" \
     --nthreads 16 --nworkers 1 --no-dashboard &
 
 # --serve-per gpu: one vLLM per GPU of the worker, CUDA_VISIBLE_DEVICES set to it ({gpu} is its
-# index). For tensor parallelism over the node's GPUs use one server per worker instead:
-#   --serve "vllm serve /models/llama-3.3-70b --tensor-parallel-size 8 --host {host} --port {port}"
+# index). For tensor parallelism over the node's GPUs use one server per node, shared by the
+# node's workers:
+#   --serve "vllm serve /models/llama-3.3-70b --tensor-parallel-size 8 --host {host} --port {port}" \
+#   --serve-per node
 # Server logs: /data/out/diverse_qa/serve-logs/. --max-in-flight auto (the default) learns each
 # server's capacity from its /metrics.
 nemocc-dask run --task diverse_qa --input /data/docs/ --output /data/out/diverse_qa \

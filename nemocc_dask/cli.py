@@ -49,8 +49,8 @@ def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
     served.add_argument("--serve-startup-timeout", type=float, default=600.0,
                         help="seconds a server may take to become healthy (default 600)")
     served.add_argument("--serve-per", choices=["worker", "gpu", "node"], default="worker",
-                        help="one server per worker, per GPU of the worker, or per node shared by its "
-                             "workers (default worker)")
+                        help="one server per worker, per GPU of the worker, or per node "
+                             "shared by its workers (default worker)")
     served.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment of the server processes (repeatable)")
     served.add_argument("--serve-max-restarts", type=int, default=3,

@@ -39,13 +39,17 @@ def build_small_tokenizer(folder: Path, vocab_size: int = 400) -> Path:
     return folder
 
 
-def write_gguf(tokenizer_folder: Path, path: Path) -> Path:
-    """A GGUF file (no tensors) whose embedded tokenizer is ``tokenizer_folder``'s BPE."""
+def write_gguf(tokenizer_folder: Path, path: Path, weights: bool = False) -> Path:
+    """A GGUF file whose embedded tokenizer is ``tokenizer_folder``'s BPE: no tensors, or with
+    ``weights`` a tiny llama model of random weights that llama.cpp can serve (it answers
+    random tokens of that vocabulary, fast on a CPU)."""
     import gguf
 
     model = json.loads((tokenizer_folder / "tokenizer.json").read_text())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
     writer = gguf.GGUFWriter(str(path), "llama")
+    if weights:
+        _add_tiny_llama(writer, len(tokens))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
@@ -59,3 +63,38 @@ def write_gguf(tokenizer_folder: Path, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _add_tiny_llama(writer, n_vocab: int, n_embd: int = 64, n_layers: int = 2, n_head: int = 4,
+                    n_ff: int = 128, context: int = 8192) -> None:
+    """The hyperparameters and random f32 tensors of a small llama (names as llama.cpp reads
+    them; numpy shapes are (out, in))."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    writer.add_context_length(context)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(0)  # all f32
+
+    def add(name: str, *shape: int) -> None:
+        values = np.ones(shape) if len(shape) == 1 else rng.normal(0, 0.5, shape)
+        writer.add_tensor(name, values.astype(np.float32))
+
+    add("token_embd.weight", n_vocab, n_embd)
+    add("output_norm.weight", n_embd)
+    add("output.weight", n_vocab, n_embd)
+    for i in range(n_layers):
+        for part in ("attn_norm", "ffn_norm"):
+            add(f"blk.{i}.{part}.weight", n_embd)
+        for part in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            add(f"blk.{i}.{part}.weight", n_embd, n_embd)
+        add(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        add(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        add(f"blk.{i}.ffn_down.weight", n_embd, n_ff)

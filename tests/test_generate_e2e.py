@@ -164,3 +164,13 @@ def test_a_busy_endpoint_is_told_apart_from_a_dead_one():
     busy.close()
     with pytest.raises(PreflightError, match="cannot reach endpoint"):
         preflight(LLMConfig(base_url=url, model="m"), timeouts=(0.2, 0.3))
+
+
+def test_the_served_context_is_read_from_vllm_and_llama_cpp_model_lists():
+    from nemocc_dask.llm.preflight import _served_context
+
+    assert _served_context({"id": "m", "max_model_len": 4096}) == 4096  # vLLM, SGLang
+    assert _served_context({"id": "m", "owned_by": "llamacpp",
+                            "meta": {"n_ctx": 8192, "n_ctx_train": 131072}}) == 8192
+    assert _served_context({"id": "m", "meta": {"n_ctx": 0}}) is None
+    assert _served_context({"id": "m", "object": "model"}) is None  # a hosted API says nothing

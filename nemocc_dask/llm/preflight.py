@@ -49,6 +49,16 @@ def _get_models(url: str, api_key: str | None, timeout: float) -> list[str]:
     return [m for m in data.get("data", []) if isinstance(m, dict)]
 
 
+def _served_context(entry: dict) -> int | None:
+    """The context a /models entry reports: vLLM's ``max_model_len``, llama.cpp's ``meta.n_ctx``
+    (the context of each slot while its KV cache is unified, llama-server's default)."""
+    meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+    for value in (entry.get("max_model_len"), meta.get("n_ctx")):
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 _CHECKED: dict[str, int | None] = {}
 _CHECKED_LOCK = threading.Lock()
 
@@ -79,8 +89,8 @@ def _models_when_ready(url: str, api_key: str | None, timeouts: tuple[float, ...
 
 def preflight(llm: LLMConfig, timeouts: tuple[float, ...] = (10.0, 30.0, 60.0)) -> int | None:
     """Raise PreflightError unless every endpoint is reachable, accepts the key and serves the
-    model; return the served context (``llm.max_model_len``, else the smallest ``max_model_len``
-    the endpoints report for the model, else None). A server that accepts the connection but
+    model; return the served context (``llm.max_model_len``, else the smallest context the
+    endpoints report for the model (``_served_context``), else None). A server that accepts the connection but
     answers slowly is given ``timeouts`` one after the other before giving up; one that refuses
     it fails at once. Custom clients are not checked."""
     if llm.client_factory is not None:
@@ -89,8 +99,8 @@ def preflight(llm: LLMConfig, timeouts: tuple[float, ...] = (10.0, 30.0, 60.0)) 
     for url in llm.base_url:
         entries = _models_when_ready(url, llm.api_key, timeouts)
         models = [m.get("id") for m in entries]
-        contexts += [m["max_model_len"] for m in entries
-                     if m.get("id") == llm.model and isinstance(m.get("max_model_len"), int)]
+        contexts += [_served_context(m) for m in entries
+                     if m.get("id") == llm.model and _served_context(m) is not None]
         if llm.model not in models:
             shown = ", ".join(str(m) for m in models[:20]) or "none"
             raise PreflightError(f"model {llm.model!r} is not served by {url}; it serves: {shown}. "
