@@ -134,6 +134,28 @@ def test_per_node_the_workers_share_one_server_restarted_once_when_killed(tmp_pa
 
 
 @pytest.mark.slow
+def test_the_full_pipeline_runs_all_five_tasks_against_the_same_servers(tmp_path,
+                                                                       cluster_client):
+    """run_nemotron_cc_to_parquet with a served model: one server per worker, started once for
+    all five tasks (the model loads once), each task's report lists the same servers."""
+    from nemocc_dask import run_nemotron_cc_to_parquet
+
+    path = tmp_path / "docs.parquet"
+    make_docs(40).to_parquet(path)
+    spec = ServeSpec(MOCK + " --latency 0.01", startup_timeout=60)
+    reports = run_nemotron_cc_to_parquet(path, tmp_path / "out", LLMConfig(model="mock",
+                                                                          serve=spec),
+                                         show_progress=False, rows_per_partition=10)
+    assert len(reports) == 5 and all(r["accounted"] and r["requests"] for r in reports.values())
+    served = [r["served"]["servers"] for r in reports.values()]
+    assert all(s == served[0] for s in served) and len(served[0]) == 2
+    assert all(len(s["pids"]) == 1 for s in served[0])  # each started once
+    logs = list((tmp_path / "out" / "serve-logs").iterdir())
+    assert len(logs) == 2 and all(log.read_text().count("starting:") == 1 for log in logs)
+    assert not any(_alive(s["pids"][0]) for s in served[0])
+
+
+@pytest.mark.slow
 def test_a_server_that_exits_at_once_stops_the_run_before_any_request(tmp_path, cluster_client):
     path = tmp_path / "docs.parquet"
     make_docs(10).to_parquet(path)
