@@ -43,7 +43,8 @@ def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
     served.add_argument("--serve", metavar="COMMAND|PRESET:MODEL",
                         help="command template with {port} ({host}, {gpu} optional), e.g. "
                              "'vllm serve /models/llama --host {host} --port {port}', or "
-                             "vllm:MODEL, sglang:MODEL, llamacpp:MODEL.gguf")
+                             "a preset vllm:MODEL, sglang:MODEL, llamacpp:MODEL.gguf, followed by "
+                             "extra arguments if any ('vllm:/models/llama --max-num-seqs 512')")
     served.add_argument("--serve-health",
                         help="health path (default: /v1/models; presets /health)")
     served.add_argument("--serve-startup-timeout", type=float, default=600.0,
@@ -243,7 +244,8 @@ def cmd_demo(args) -> int:
                                     rows_per_partition=50, show_progress=not args.no_progress,
                                     gpu=args.gpu)
     _print_reports({args.task: report}, out)
-    print(f"rows are in {out / 'parts'}; rejects in {out / 'rejects'}; report {out / 'report.json'}")
+    print(f"rows are in {out / 'parts'}; rejects in {out / 'rejects'}; "
+          f"report {out / 'report.json'}")
     return 0
 
 
@@ -307,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--gpu", action="store_true", help="cuDF partitions on a LocalCUDACluster")
     demo.set_defaults(fn=cmd_demo, cluster=None, scheduler=None, scheduler_file=None,
-                      slurm_jobs=None, adapt=None, slurm_queue=None, slurm_account=None, slurm_walltime=None)
+                      slurm_jobs=None, adapt=None, slurm_queue=None, slurm_account=None,
+                      slurm_walltime=None)
 
     mock = sub.add_parser("serve-mock", help="serve the mock OpenAI-compatible LLM")
     mock.add_argument("--port", type=int, default=8000)

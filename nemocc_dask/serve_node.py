@@ -5,9 +5,9 @@ scheduler and the serve command, holding ``state.json`` (the server's port, PID,
 restarts, users) and a lock file (``flock``). The first worker to join starts the server; the
 others use it. Every user watches it: the first to see it down restarts it on the same port
 (under the lock, so exactly once), the others adopt the new generation. The last worker to leave
-stops its process group; a worker that leaves while others remain leaves it running, but the
-server dies with the worker process that started it (PR_SET_PDEATHSIG) and is then restarted by
-the others (not counted against ``max_restarts``).
+stops its process group and removes the folder; a worker that leaves while others remain leaves
+it running, but the server dies with the worker process that started it (PR_SET_PDEATHSIG) and
+is then restarted by the others (not counted against ``max_restarts``).
 
 Where each SLURM job has its own /tmp (a job_container plugin), workers of different jobs do
 not meet: each job then starts its own server, as with ``--serve-per worker``.
@@ -47,7 +47,6 @@ class NodeServer:
     def __init__(self, spec: ServeSpec, host: str, folder: Path, log_path: Path, user: str):
         self.spec, self.host, self.folder, self.log_path, self.user = (spec, host, folder,
                                                                        log_path, user)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.state: dict = {}
         self.process: ServedProcess | None = None  # when this worker started the current one
         self.health_failures = 0
@@ -58,12 +57,20 @@ class NodeServer:
 
     @contextlib.contextmanager
     def _locked(self):
-        with open(self.folder / "lock", "a") as lock:
+        """Hold the node's lock (the lock file as it is now: the last worker to leave removes
+        it, so one opened before that is dropped and opened again)."""
+        while True:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock = open(self.folder / "lock", "a")
             fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(lock.fileno()).st_ino == os.stat(self.folder / "lock").st_ino:
+                    break
+            lock.close()
+        try:
+            yield
+        finally:
+            lock.close()
 
     def _read(self) -> dict | None:
         try:
@@ -182,8 +189,12 @@ class NodeServer:
                 if state["users"]:
                     self._write(state)
                 else:
-                    (self.folder / "state.json").unlink()
                     kill_group(state["pid"])
+            if not state or not state["users"]:  # the last one: nothing left in the folder
+                for name in ("state.json", "lock"):
+                    (self.folder / name).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()
         if self.process is not None and self.process.proc.poll() is None:
             # it runs on for the others (until this process exits); reap it when it ends
             threading.Thread(target=self.process.proc.wait, daemon=True,

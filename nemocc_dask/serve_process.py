@@ -30,7 +30,7 @@ PRESETS = {  # name -> (command with {model}, health path)
     "vllm": ("vllm serve {model} --host {host} --port {port}", "/health"),
     "sglang": ("python -m sglang.launch_server --model-path {model} --host {host} --port {port}",
                "/health"),
-    "llamacpp": ("llama-server -m {model} --host {host} --port {port}", "/health"),
+    "llamacpp": ("llama-server -m {model} --host {host} --port {port} --metrics", "/health"),
 }
 SERVE_PER = ("worker", "gpu", "node")
 HEALTH_POLL_SECONDS = 1.0
@@ -68,13 +68,17 @@ class ServeSpec:
 
     @classmethod
     def parse(cls, text: str, **options) -> "ServeSpec":
-        """A command template, or ``PRESET:MODEL`` (vllm, sglang, llamacpp)."""
-        name, _, model = text.partition(":")
-        if name in PRESETS and model:
-            command, health = PRESETS[name]
-            options.setdefault("health", health)
-            return cls(command.replace("{model}", shlex.quote(model)), model=model, **options)
-        return cls(text, **options)
+        """A command template, or ``PRESET:MODEL [ARGS...]`` (vllm, sglang, llamacpp; ARGS are
+        added to the preset's command, a MODEL with spaces is quoted)."""
+        name, _, rest = text.partition(":")
+        words = shlex.split(rest) if name in PRESETS else []
+        if not words:
+            return cls(text, **options)
+        command, health = PRESETS[name]
+        options.setdefault("health", health)
+        model, extra = words[0], " ".join(shlex.quote(w) for w in words[1:])
+        command = command.replace("{model}", shlex.quote(model))
+        return cls(f"{command} {extra}".rstrip(), model=model, **options)
 
     def argv(self, host: str, port: int, gpu: str) -> list[str]:
         return shlex.split(self.command.format(host=host, port=port, gpu=gpu))

@@ -149,3 +149,22 @@ def test_capacity_lost_is_seen_in_any_answers_before_the_epoch_ends():
     first, second = [c for c in changes if c is not None][:2]
     assert "rose" in first.reason and "capacity lost" in second.reason
     assert 0.9 * 128 <= ctl.window <= 1.25 * 128
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('vllm:num_requests_running{model_name="m"} 7.0\n'
+     'vllm:num_requests_waiting{model_name="m"} 2.0\n'
+     'vllm:num_requests_running{model_name="n"} 1.0\n'
+     'vllm:num_requests_waiting{model_name="n"} 0\n', (8, 2)),
+    ("sglang:num_running_reqs 12\nsglang:num_queue_reqs 0\n", (12, 0)),
+    ("tgi_batch_current_size 4\ntgi_queue_size 9\n", (4, 9)),
+    ("# HELP llamacpp:requests_processing Number of requests processing\n"
+     "# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing 4\n"
+     "llamacpp:requests_deferred 3\n", (4, 3)),
+    ("process_cpu_seconds_total 3.5\n", None),
+    ("vllm:num_requests_running 3\n", None),  # half a pair says nothing
+])
+def test_queue_gauges_of_each_server_kind(text, expected):
+    from nemocc_dask.llm.telemetry import parse_queue_metrics
+
+    assert parse_queue_metrics(text) == expected

@@ -11,12 +11,17 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
 from conftest import make_docs
 from served_models import build_small_tokenizer, write_gguf
 from test_serve import _alive
+
+# Two servers, two workers and the driver share 2 cores in CI: one thread each and no busy
+# polling (llama.cpp's defaults spin every core and slow each server 1000-fold here).
+ONE_THREAD = "--threads 1 --threads-batch 1 --poll 0"
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("llama-server") is None,
@@ -31,8 +36,8 @@ def test_cli_serves_a_gguf_model_with_llama_cpp(tmp_path, per, n_servers):
     done = subprocess.run(
         [sys.executable, "-m", "nemocc_dask.cli", "run", "--task", "knowledge_list", "--input",
          str(tmp_path / "docs.parquet"), "--output", str(tmp_path / "out"), "--serve",
-         f"llamacpp:{model}", "--serve-per", per, "--workers", "2", "--rows-per-partition", "10",
-         "--max-tokens", "256", "--no-progress"],
+         f"llamacpp:{model} {ONE_THREAD}", "--serve-per", per, "--workers", "2",
+         "--rows-per-partition", "10", "--max-tokens", "256", "--no-progress"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -47,3 +52,25 @@ def test_cli_serves_a_gguf_model_with_llama_cpp(tmp_path, per, n_servers):
     left = subprocess.run(["pgrep", "-f", f"llama-server -m {model}"], capture_output=True)
     assert left.returncode == 1, left.stdout
     assert all(os.path.getsize(s["log"]) > 0 for s in servers)
+
+
+def test_the_queue_gauges_of_a_llama_cpp_server_are_read(tmp_path):
+    """The llamacpp preset starts llama-server with --metrics; its gauges give the controller
+    the server's running and waiting requests."""
+    import asyncio
+
+    from nemocc_dask.llm.telemetry import parse_queue_metrics
+    from nemocc_dask.serve_process import ServedProcess, ServeSpec
+
+    model = write_gguf(build_small_tokenizer(tmp_path / "tokenizer"), tmp_path / "tiny.gguf",
+                       weights=True)
+    server = ServedProcess(ServeSpec.parse(f"llamacpp:{model} {ONE_THREAD}", startup_timeout=60),
+                           "127.0.0.1", "", tmp_path / "server.log")
+    server.start()
+    try:
+        asyncio.run(server.wait_healthy())
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as answer:
+            assert parse_queue_metrics(answer.read().decode()) == (0, 0)
+    finally:
+        server.stop()
+    assert not _alive(server.pids[0])

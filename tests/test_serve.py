@@ -54,10 +54,14 @@ def _run_in_thread(path, out, llm, outcome):
 
 
 def test_presets_expand_to_a_command_health_path_and_model():
-    spec = ServeSpec.parse("vllm:/models/llama 3", startup_timeout=60)
+    spec = ServeSpec.parse("vllm:'/models/llama 3'", startup_timeout=60)
     assert spec.command == "vllm serve '/models/llama 3' --host {host} --port {port}"
     assert spec.health == "/health" and spec.model == "/models/llama 3"
     assert LLMConfig(serve=spec).model == "/models/llama 3"
+    spec = ServeSpec.parse("vllm:/models/llama --max-num-seqs 512 --tensor-parallel-size 2")
+    assert spec.model == "/models/llama" and spec.command == (
+        "vllm serve /models/llama --host {host} --port {port} --max-num-seqs 512 "
+        "--tensor-parallel-size 2")
     assert ServeSpec.parse("llamacpp:m.gguf").command.startswith("llama-server -m m.gguf")
     with pytest.raises(ValueError, match=r"\{port\}"):
         ServeSpec("vllm serve /models/llama")
@@ -275,4 +279,4 @@ def test_a_node_server_outlives_the_worker_that_started_it_while_others_use_it(t
     pids = asyncio.run(scenario())
     assert len(pids) == 2 and _alive(pids[1])
     second.leave()
-    assert not any(_alive(pid) for pid in pids) and not (folder / "state.json").exists()
+    assert not any(_alive(pid) for pid in pids) and not folder.exists()

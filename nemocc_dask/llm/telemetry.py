@@ -3,7 +3,8 @@
 * ``parse_queue_metrics``: requests running and waiting from a server's Prometheus ``/metrics``
   (vLLM ``vllm:num_requests_running`` / ``vllm:num_requests_waiting``, SGLang
   ``sglang:num_running_reqs`` / ``sglang:num_queue_reqs``, TGI ``tgi_batch_current_size`` /
-  ``tgi_queue_size``), summed over label sets.
+  ``tgi_queue_size``, llama.cpp ``llamacpp:requests_processing`` / ``llamacpp:requests_deferred``
+  with ``--metrics``), summed over label sets.
 * ``EndpointSeries``: per ``INTERVAL_SECONDS`` of wall-clock time, the window, answers, answer
   tokens, errors and a log-scale latency histogram; series of several workers merge exactly
   (histograms add), so the report's p50/p95 are within one bin (about 12%) of the true ones.
@@ -21,7 +22,8 @@ from nemocc_dask.llm.config import server_root
 INTERVAL_SECONDS = 5.0
 QUEUE_GAUGES = (("vllm:num_requests_running", "vllm:num_requests_waiting"),
                 ("sglang:num_running_reqs", "sglang:num_queue_reqs"),
-                ("tgi_batch_current_size", "tgi_queue_size"))
+                ("tgi_batch_current_size", "tgi_queue_size"),
+                ("llamacpp:requests_processing", "llamacpp:requests_deferred"))
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
 _BINS_PER_DECADE = 20
 _BIN_EDGES = [10 ** (k / _BINS_PER_DECADE) for k in range(-3 * _BINS_PER_DECADE,
