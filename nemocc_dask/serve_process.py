@@ -26,10 +26,10 @@ from nemocc_dask.errors import StartError
 
 logger = logging.getLogger(__name__)
 
-PRESETS = {  # name -> (command with {model}, health path)
+PRESETS = {  # name -> (command with {model}, health path); with the /metrics the controller reads
     "vllm": ("vllm serve {model} --host {host} --port {port}", "/health"),
-    "sglang": ("python -m sglang.launch_server --model-path {model} --host {host} --port {port}",
-               "/health"),
+    "sglang": ("python -m sglang.launch_server --model-path {model} --host {host} --port {port} "
+               "--enable-metrics", "/health"),
     "llamacpp": ("llama-server -m {model} --host {host} --port {port} --metrics", "/health"),
 }
 SERVE_PER = ("worker", "gpu", "node")

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from nemocc_dask.llm.budget import (DEMAND_MEMORY_SECONDS, STALE_SECONDS, Allocator,
-                                    fair_shares)
+from nemocc_dask.llm.budget import (DEMAND_MEMORY_SECONDS, DEPARTED_SECONDS, STALE_SECONDS,
+                                    Allocator, fair_shares)
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.mock import MockLLMServer
 
@@ -78,11 +78,13 @@ def test_departed_and_silent_holders_give_their_room_back():
     alloc = Allocator()
     _report(alloc, "w1/p", 0.0, 0, 0, 100)
     assert _report(alloc, "w2/p", 0.1, 0, 0, 100) == 0
-    alloc.forget_worker("w1")
-    assert _report(alloc, "w2/p", 0.2, 0, 0, 100) == 16
+    alloc.forget_worker("w1", 0.15)  # its last requests may still be on the wire for a moment
+    assert _report(alloc, "w2/p", 0.2, 0, 0, 100) == 0
+    assert _report(alloc, "w2/p", 0.15 + DEPARTED_SECONDS + 0.1, 0, 0, 100) == 16
     # w2 goes silent (e.g. its process hangs): after STALE_SECONDS its room is free again
-    assert _report(alloc, "w3/p", 0.3, 0, 0, 100) == 0
-    assert _report(alloc, "w3/p", 0.3 + STALE_SECONDS + 1, 0, 0, 100) == 16
+    last = 0.15 + DEPARTED_SECONDS + 0.1
+    assert _report(alloc, "w3/p", last, 0, 0, 100) == 0
+    assert _report(alloc, "w3/p", last + STALE_SECONDS + 1, 0, 0, 100) == 16
 
 
 def test_holders_with_different_budgets_share_the_smallest():

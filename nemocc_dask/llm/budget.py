@@ -12,8 +12,10 @@ therefore immediate (the worker stops dispatching) and growing waits until the r
 caps never add up to more than the budget.
 
 Tolerance: every busy holder gets at least one slot, so with more busy holders than the budget the
-sum can exceed it by (busy holders - budget). A holder that stops reporting for ``STALE_SECONDS``,
-or whose worker leaves the cluster, gives its room back.
+sum can exceed it by (busy holders - budget). A holder that stops reporting for ``STALE_SECONDS``
+gives its room back; one whose worker leaves the cluster gives it back ``DEPARTED_SECONDS`` later
+(a retired worker's running task, and its requests, outlive its removal by the scheduler for a
+moment: handing their room out at once let the others exceed the budget).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ REPORT_SECONDS = 0.1
 DEMAND_MEMORY_SECONDS = 1.0  # a holder's demand counts as its peak over this long
 IDLE_REPORT_SECONDS = 2.0
 STALE_SECONDS = 10.0
+DEPARTED_SECONDS = 5.0
 
 
 @dataclass
@@ -47,6 +50,12 @@ class Holding:
     peak_demand: int = 0
     peak_at: float = 0.0
     status: dict | None = None  # the pool's view of the endpoint, for the progress line
+    departed: float | None = None  # when its worker left the cluster
+
+    def expired(self, now: float) -> bool:
+        """Whether its room is free again: silent too long, or its worker gone long enough."""
+        return (now - self.seen > STALE_SECONDS
+                or (self.departed is not None and now - self.departed > DEPARTED_SECONDS))
 
     def remember_demand(self, demand: int, now: float) -> None:
         """Keep the peak demand of the last DEMAND_MEMORY_SECONDS, so that the short dips
@@ -97,7 +106,7 @@ class Allocator:
                in_flight: int, demand: int, now: float, status: dict | None = None) -> int:
         """Record one holder's report for ``endpoint``; returns its new cap."""
         holdings = self.endpoints.setdefault(endpoint, {})
-        for key in [k for k, h in holdings.items() if now - h.seen > STALE_SECONDS]:
+        for key in [k for k, h in holdings.items() if h.expired(now)]:
             del holdings[key]
         mine = holdings.setdefault(holder, Holding(worker=worker, total=total))
         mine.total, mine.cap, mine.in_flight, mine.seen = total, cap, in_flight, now
@@ -111,11 +120,13 @@ class Allocator:
             del holdings[holder]
         return mine.granted
 
-    def forget_worker(self, worker: str) -> None:
-        """Give back the room of every holder on ``worker`` (it left the cluster)."""
+    def forget_worker(self, worker: str, now: float) -> None:
+        """Give back the room of every holder on ``worker`` (it left the cluster at ``now``)
+        once DEPARTED_SECONDS have passed."""
         for holdings in self.endpoints.values():
-            for key in [k for k, h in holdings.items() if h.worker == worker]:
-                del holdings[key]
+            for holding in holdings.values():
+                if holding.worker == worker and holding.departed is None:
+                    holding.departed = now
 
     def statuses(self) -> dict[str, list[dict]]:
         """Per endpoint, the latest status of each holder (see ``Endpoint.status``)."""
@@ -144,7 +155,7 @@ class BudgetPlugin(SchedulerPlugin):
                 for name, counts in endpoints.items()}
 
     def remove_worker(self, scheduler, worker: str, **kwargs) -> None:
-        self.allocator.forget_worker(worker)
+        self.allocator.forget_worker(worker, time.monotonic())
 
 
 def endpoint_statuses(dask_scheduler=None) -> dict[str, list[dict]]:
