@@ -21,6 +21,8 @@ import contextlib
 import logging
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -34,6 +36,7 @@ __all__ = ["ServeError", "ServeSpec", "ServePlugin", "local_urls", "served_statu
 logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "nemocc-serve"
+WAITING_LOG_SECONDS = 30.0
 
 
 def _gpus(spec: ServeSpec) -> list[str]:
@@ -126,13 +129,35 @@ def served_status(dask_worker=None) -> list[dict]:
 
 
 @contextlib.contextmanager
+def _still_waiting(spec: ServeSpec):
+    """Log every WAITING_LOG_SECONDS while the servers start (loading a model takes minutes)."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def remind() -> None:
+        while not done.wait(WAITING_LOG_SECONDS):
+            logger.info("still waiting for the served model to answer %s (%.0f s of %g s; its "
+                        "output is in %s)", spec.health, time.monotonic() - started,
+                        spec.startup_timeout, spec.log_dir or SERVE_LOGS)
+
+    thread = threading.Thread(target=remind, daemon=True, name="nemocc-serve-wait")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+@contextlib.contextmanager
 def serving(client, spec: ServeSpec):
     """Start ``spec``'s servers on every worker of ``client`` (and on workers that join later),
     yield a callable giving every server's status (a node's shared server once), and stop them
     all at the end."""
     logger.info("starting the served model (one per %s): %s", spec.per, spec.command)
     try:
-        client.register_plugin(ServePlugin(spec), name=PLUGIN_NAME)
+        with _still_waiting(spec):
+            client.register_plugin(ServePlugin(spec), name=PLUGIN_NAME)
     except BaseException:
         with contextlib.suppress(Exception):
             client.unregister_worker_plugin(PLUGIN_NAME)

@@ -160,6 +160,26 @@ def test_the_full_pipeline_runs_all_five_tasks_against_the_same_servers(tmp_path
 
 
 @pytest.mark.slow
+def test_a_slow_server_start_is_reported_while_the_run_waits(tmp_path, cluster_client,
+                                                             monkeypatch, caplog):
+    """Loading a model takes minutes: the driver says it is still waiting, and for how long."""
+    from nemocc_dask import serve
+
+    monkeypatch.setattr(serve, "WAITING_LOG_SECONDS", 0.5)
+    path = tmp_path / "docs.parquet"
+    make_docs(10).to_parquet(path)
+    slow = f"sh -c 'sleep 2; exec {MOCK}'"
+    with caplog.at_level("INFO", logger="nemocc_dask.serve"):
+        report = run_to_parquet(path, tmp_path / "out", "knowledge_list",
+                                LLMConfig(model="mock", serve=ServeSpec(slow, startup_timeout=60)),
+                                show_progress=False)
+    assert report["accounted"] and report["failed_requests"] == 0
+    waiting = [r.getMessage() for r in caplog.records if "still waiting" in r.getMessage()]
+    assert len(waiting) >= 2 and "/v1/models" in waiting[0] and "of 60 s" in waiting[0]
+    assert str(tmp_path / "out" / "serve-logs") in waiting[0]
+
+
+@pytest.mark.slow
 def test_a_server_that_exits_at_once_stops_the_run_before_any_request(tmp_path, cluster_client):
     path = tmp_path / "docs.parquet"
     make_docs(10).to_parquet(path)
