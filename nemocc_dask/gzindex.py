@@ -94,23 +94,52 @@ def _one_point_index(index: Path, offset: int) -> bytes | None:
 
 
 @contextlib.contextmanager
-def open_at(path: str | os.PathLike, offset: int) -> Iterator[BinaryIO]:
-    """``path`` decompressed and positioned at decompressed byte ``offset``: from the nearest
-    seek point of the saved index when there is one, else by decompressing from the start."""
+def _indexed_at(path: str | os.PathLike, offset: int):
+    """``path`` as an IndexedGzipFile positioned at decompressed byte ``offset`` from the nearest
+    seek point of the saved index; None when there is no index to use."""
     igzip = _indexed_gzip()
     index = index_path(path) if igzip is not None and offset else None
     small = _one_point_index(index, offset) if index is not None and index.exists() else None
-    if small is not None:
-        with tempfile.NamedTemporaryFile(suffix=".gzidx") as tmp:
-            tmp.write(small)
-            tmp.flush()
-            raw = igzip.IndexedGzipFile(str(path), index_file=tmp.name)
-        try:
-            raw.seek(offset)
-            yield io.BufferedReader(raw, buffer_size=READ_BUFFER)
-        finally:
-            raw.close()
+    if small is None:
+        yield None
         return
+    with tempfile.NamedTemporaryFile(suffix=".gzidx") as tmp:
+        tmp.write(small)
+        tmp.flush()
+        raw = igzip.IndexedGzipFile(str(path), index_file=tmp.name, drop_handles=False)
+    try:
+        raw.seek(offset)
+        yield raw
+    finally:
+        raw.close()
+
+
+@contextlib.contextmanager
+def open_at(path: str | os.PathLike, offset: int) -> Iterator[BinaryIO]:
+    """``path`` decompressed and positioned at decompressed byte ``offset``: from the nearest
+    seek point of the saved index when there is one, else by decompressing from the start."""
+    with _indexed_at(path, offset) as raw:
+        if raw is not None:
+            yield io.BufferedReader(raw, buffer_size=READ_BUFFER)
+            return
     with gzip.open(path, "rb") as fh:
         fh.seek(offset)
         yield fh
+
+
+def read_range(path: str | os.PathLike, offset: int, length: int) -> bytes:
+    """``length`` decompressed bytes from ``offset`` on (fewer at the end of the file), read
+    past the read-ahead buffer: only those bytes are decompressed after the seek point."""
+    with _indexed_at(path, offset) as raw:
+        if raw is None:
+            with gzip.open(path, "rb") as fh:
+                fh.seek(offset)
+                return fh.read(length)
+        chunks, left = [], length
+        while left > 0:
+            chunk = raw.raw.read(left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)

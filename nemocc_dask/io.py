@@ -3,9 +3,9 @@ them before any request is sent, and writing files atomically.
 
 Partitions are explicit: a parquet file is cut into row ranges of ``rows_per_partition`` rows
 (whatever its row groups; a piece reads only the row groups it overlaps), a JSONL file into line
-ranges found in one pass (each piece then seeks to its first line, so reading a plain JSONL file
-costs about two reads of it, whatever the number of partitions; for a ``.jsonl.gz`` file that
-pass also saves a seek index, see ``gzindex``). The same input and
+ranges found in one pass (each piece then reads its own byte range in one read, so reading a
+plain JSONL file costs about two reads of it, whatever the number of partitions; for a
+``.jsonl.gz`` file that pass also saves a seek index, see ``gzindex``). The same input and
 ``rows_per_partition`` always give the same partitions (the partition map, recorded in
 ``run.json``), which is what resuming relies on.
 """
@@ -49,6 +49,7 @@ class Piece:
     start: int
     stop: int
     offset: int = 0  # JSONL: byte offset of the piece's first line
+    end: int | None = None  # JSONL: byte offset just past its last line (None: count lines)
 
 
 def _files(paths) -> list[Path]:
@@ -132,29 +133,61 @@ def _open_at(path: str | Path, offset: int) -> Iterator[BinaryIO]:
         yield fh
 
 
-def _nonblank_lines(path: str | Path, offset: int = 0) -> Iterator[tuple[int, str]]:
-    """(byte offset, text) of each non-blank line of a JSONL file from byte ``offset`` on, split
-    on ``\\n`` and decoded as UTF-8 (``.gz`` files are decompressed; their offsets count
-    decompressed bytes). Partitioning and reading both go through this, so they agree."""
+def _nonblank(raw: bytes) -> str | None:
+    """A JSONL line's text, or None when it is blank. Partitioning and reading both use this
+    (split on ``\\n``, decoded as UTF-8), so they agree."""
+    line = raw.decode("utf-8")
+    return line if line.strip() else None
+
+
+def _nonblank_lines(path: str | Path, offset: int = 0) -> Iterator[tuple[int, int, str]]:
+    """(byte offset, end offset, text) of each non-blank line of a JSONL file from byte
+    ``offset`` on (``.gz`` files are decompressed; their offsets count decompressed bytes)."""
     with _open_at(path, offset) as fh:
         for raw in fh:
-            line = raw.decode("utf-8")
-            if line.strip():
-                yield offset, line
+            line = _nonblank(raw)
+            if line is not None:
+                yield offset, offset + len(raw), line
             offset += len(raw)
 
 
+def _read_block(path: str, offset: int, end: int) -> bytes:
+    """Bytes ``[offset, end)`` of a JSONL file, decompressed for ``.gz`` (through the seek
+    index where there is one), in one read."""
+    if str(path).lower().endswith(".gz") and not storage.is_remote(storage.as_path(path)):
+        return gzindex.read_range(path, offset, end - offset)
+    with _open_at(path, offset) as fh:
+        return fh.read(end - offset)
+
+
 def _jsonl_pieces(path: Path, rows_per_partition: int) -> list[Piece]:
-    """Line ranges of ``rows_per_partition`` non-blank lines, each with the byte offset of its
-    first line: one pass over the file here, and each piece reads only its own lines."""
-    pieces, count = [], 0
-    for offset, _ in _nonblank_lines(path):
+    """Line ranges of ``rows_per_partition`` non-blank lines, each with the byte range from its
+    first line to its last: one pass over the file here, and each piece reads only its bytes."""
+    pieces, count, end = [], 0, 0
+    for offset, end, _ in _nonblank_lines(path):
         if count % rows_per_partition == 0:
+            if pieces:
+                pieces[-1] = dataclasses.replace(pieces[-1], end=offset)
             pieces.append(Piece(str(path), "jsonl", count, count, offset))
         count += 1
     if not pieces:
         return [Piece(str(path), "jsonl", 0, 0)]
+    pieces[-1] = dataclasses.replace(pieces[-1], end=end)
     return [dataclasses.replace(p, stop=min(count, p.start + rows_per_partition)) for p in pieces]
+
+
+def _piece_lines(piece: Piece) -> list[str]:
+    """The texts of a JSONL piece's lines: its byte range in one read, or (without ``end``) its
+    first ``stop - start`` non-blank lines."""
+    if piece.end is None:
+        return [line for _, _, line in itertools.islice(_nonblank_lines(piece.path, piece.offset),
+                                                        piece.stop - piece.start)]
+    lines = [line for raw in _read_block(piece.path, piece.offset, piece.end).split(b"\n")
+             if (line := _nonblank(raw)) is not None]
+    if len(lines) != piece.stop - piece.start:
+        raise InputError(f"{piece.path} changed while it was read (lines {piece.start + 1}-"
+                         f"{piece.stop} are now {len(lines)} lines); rerun")
+    return lines
 
 
 def read_piece(piece: Piece, columns: list[str] | None = None) -> pd.DataFrame:
@@ -162,8 +195,7 @@ def read_piece(piece: Piece, columns: list[str] | None = None) -> pd.DataFrame:
     if piece.kind == "parquet":
         return _read_parquet_rows(piece.path, piece.start, piece.stop, columns).to_pandas()
     rows = []
-    lines = itertools.islice(_nonblank_lines(piece.path, piece.offset), piece.stop - piece.start)
-    for i, (_, line) in enumerate(lines, start=piece.start):
+    for i, line in enumerate(_piece_lines(piece), start=piece.start):
         try:
             rows.append(json.loads(line))
         except ValueError:

@@ -67,25 +67,35 @@ def test_atomic_writes_use_unique_temp_names_and_stale_ones_are_removed(tmp_path
     assert pd.read_parquet(target)["a"].tolist() == [1]
 
 
-def test_jsonl_pieces_seek_to_their_lines_and_read_each_line_once(tmp_path, monkeypatch):
+def test_jsonl_pieces_read_only_their_own_bytes_once(tmp_path, monkeypatch):
     lines = [json.dumps({"id": i, "text": f"doc {i} é"}) for i in range(25)]
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(lines[:10]) + "\n\n \r\n" + "\r\n".join(lines[10:]) + "\n",
                     encoding="utf-8")
     pieces = io.partition_map(path, 10)
     assert [(p.start, p.stop) for p in pieces] == [(0, 10), (10, 20), (20, 25)]
-    yielded = []
-    original = io._nonblank_lines
+    ranges = []
+    original = io._read_block
 
-    def counting(*args):
-        for item in original(*args):
-            yielded.append(item)
-            yield item
+    def recording(path, offset, end):
+        ranges.append((offset, end))
+        return original(path, offset, end)
 
-    monkeypatch.setattr(io, "_nonblank_lines", counting)
+    monkeypatch.setattr(io, "_read_block", recording)
     got = pd.concat([io.read_piece(p) for p in pieces], ignore_index=True)
     assert got["id"].tolist() == list(range(25)) and got["text"].iloc[3] == "doc 3 é"
-    assert len(yielded) == 25  # every line read once in all, not once per earlier piece
+    # one read per piece; together they cover the file once (blank lines go with a piece)
+    assert ranges[0][0] == 0 and ranges[-1][1] == path.stat().st_size
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_a_jsonl_file_changed_after_partitioning_is_refused_not_misread(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": "x"}) + "\n" for i in range(20)))
+    pieces = io.partition_map(path, 10)
+    path.write_text("".join(json.dumps({"id": i, "text": "xy"}) + "\n" for i in range(20)))
+    with pytest.raises(io.InputError, match="changed while it was read"):
+        io.read_piece(pieces[1])
 
 
 def test_gzip_pieces_seek_through_the_index_built_by_the_partition_pass(tmp_path, monkeypatch):
