@@ -176,18 +176,28 @@ def _jsonl_pieces(path: Path, rows_per_partition: int) -> list[Piece]:
     return [dataclasses.replace(p, stop=min(count, p.start + rows_per_partition)) for p in pieces]
 
 
-def _piece_lines(piece: Piece) -> list[str]:
+def _piece_lines(piece: Piece) -> Iterator[str]:
     """The texts of a JSONL piece's lines: its byte range in one read, or (without ``end``) its
     first ``stop - start`` non-blank lines."""
     if piece.end is None:
-        return [line for _, _, line in itertools.islice(_nonblank_lines(piece.path, piece.offset),
-                                                        piece.stop - piece.start)]
-    lines = [line for raw in _read_block(piece.path, piece.offset, piece.end).split(b"\n")
-             if (line := _nonblank(raw)) is not None]
-    if len(lines) != piece.stop - piece.start:
-        raise InputError(f"{piece.path} changed while it was read (lines {piece.start + 1}-"
-                         f"{piece.stop} are now {len(lines)} lines); rerun")
-    return lines
+        for _, _, line in itertools.islice(_nonblank_lines(piece.path, piece.offset),
+                                           piece.stop - piece.start):
+            yield line
+        return
+    changed = InputError(f"{piece.path} changed after it was partitioned (lines "
+                         f"{piece.start + 1}-{piece.stop} are not where they were); rerun")
+    before = min(piece.offset, 1)  # the byte before the first line must end a line
+    block = _read_block(piece.path, piece.offset - before, piece.end)
+    if before and block[:1] != b"\n":
+        raise changed
+    count = 0
+    for raw in io_module.BytesIO(memoryview(block)[before:]):
+        line = _nonblank(raw)
+        if line is not None:
+            count += 1
+            yield line
+    if count != piece.stop - piece.start:
+        raise changed
 
 
 def read_piece(piece: Piece, columns: list[str] | None = None) -> pd.DataFrame:

@@ -84,9 +84,10 @@ def test_jsonl_pieces_read_only_their_own_bytes_once(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "_read_block", recording)
     got = pd.concat([io.read_piece(p) for p in pieces], ignore_index=True)
     assert got["id"].tolist() == list(range(25)) and got["text"].iloc[3] == "doc 3 é"
-    # one read per piece; together they cover the file once (blank lines go with a piece)
+    # one read per piece; together they cover the file once (blank lines go with a piece), but
+    # for the newline before each piece's first line, read to check that it starts a line
     assert ranges[0][0] == 0 and ranges[-1][1] == path.stat().st_size
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] + 1 for a, b in zip(ranges, ranges[1:]))
 
 
 def test_a_jsonl_file_changed_after_partitioning_is_refused_not_misread(tmp_path):
@@ -94,7 +95,7 @@ def test_a_jsonl_file_changed_after_partitioning_is_refused_not_misread(tmp_path
     path.write_text("".join(json.dumps({"id": i, "text": "x"}) + "\n" for i in range(20)))
     pieces = io.partition_map(path, 10)
     path.write_text("".join(json.dumps({"id": i, "text": "xy"}) + "\n" for i in range(20)))
-    with pytest.raises(io.InputError, match="changed while it was read"):
+    with pytest.raises(io.InputError, match="changed after it was partitioned"):
         io.read_piece(pieces[1])
 
 
