@@ -107,8 +107,10 @@ class NodeServer:
             state = self._read()
             if state is not None:
                 state["users"] = [u for u in state["users"] if alive(int(u.split("-")[0]))]
-                if not state["users"]:
-                    state = None  # left over from an earlier run
+                if not state["users"]:  # left over from an earlier run
+                    if alive(state["pid"]):
+                        kill_group(state["pid"])
+                    state = None
             if state is None or not alive(state["pid"]):
                 state = self._start(state, counted=False)
             state["users"].append(self.user)
