@@ -70,8 +70,8 @@ def fingerprint(job: Job, inputs, tokenizer, seed: int, id_field: str) -> dict:
     """Everything that changes results or which rows land in which partition (not throughput
     knobs such as in-flight or workers)."""
     return {"inputs": inputs, "task": job.preset.describe(), "llm": job.llm.fingerprint_fields(),
-            "settings": job.llm.request_settings(job.preset), "tokenizer": tokenizer_name(tokenizer),
-            "served_context": job.llm.max_model_len, "seed": seed, "id_field": id_field,
+            "settings": job.llm.request_settings(job.preset),
+            "tokenizer": tokenizer_name(tokenizer), "served_context": job.llm.max_model_len, "seed": seed, "id_field": id_field,
             "route": None if job.route is None else vars(job.route)}
 
 
@@ -334,14 +334,65 @@ def _drain(client, futures, progress: Progress, where: dict) -> None:
     client.cancel(futures)
 
 
+def _preempted(progress: Progress) -> Preempted:
+    return Preempted(f"{progress.done} of {progress.total} partitions finished; the answers in "
+                     "flight were journaled. Rerun the same command (or requeue the job) to "
+                     "resume")
+
+
+def _compute_here(tasks: list, out_dirs: list[Path], progress: Progress) -> None:
+    """Without a distributed client: Dask's local scheduler in a thread, each partition counted
+    as it finishes. SIGTERM (or Ctrl-C) drains this process's pools: nothing more is sent, what
+    is on the wire is answered and journaled (at most ``nemocc.drain-seconds``)."""
+    from dask.callbacks import Callback
+
+    from nemocc_dask.llm.pool import drain_pools
+
+    where = {task.key: out_dir for task, out_dir in zip(tasks, out_dirs)}
+
+    class CountFinished(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if key in where:
+                progress.finished(where[key], result)
+
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            with CountFinished():
+                dask.compute(*tasks)
+        except BaseException as exc:  # raised again in the caller's thread
+            outcome["error"] = exc
+
+    drain_pools(None)  # pools left drained by a stopped run in this process send again
+    thread = threading.Thread(target=run, daemon=True, name="nemocc-compute")
+    thread.start()
+    try:
+        with sigterm_stops_the_run():
+            while thread.is_alive():
+                thread.join(0.2)
+    except BaseException as exc:
+        grace = float(dask.config.get("nemocc.drain-seconds"))
+        logger.warning("%s: stopping; waiting up to %.0f s for requests in flight",
+                       "SIGTERM" if isinstance(exc, StopRequested) else type(exc).__name__,
+                       grace)
+        drain_pools("the run is stopping")
+        thread.join(grace)
+        if isinstance(exc, StopRequested):
+            raise _preempted(progress) from None
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def _compute(tasks: list, out_dirs: list[Path], progress: Progress) -> None:
     """Run the partition tasks (task i writes into ``out_dirs[i]``) on the distributed client if
-    there is one, else locally. On the first failed partition the others are cancelled and its
-    exception is raised. SIGTERM drains the run (see ``_drain``) and raises Preempted."""
+    there is one, else locally (``_compute_here``). On the first failed partition the others are
+    cancelled and its exception is raised. SIGTERM drains the run (see ``_drain``) and raises
+    Preempted."""
     client = _distributed_client()
     if client is None:
-        for out_dir, stats in zip(out_dirs, dask.compute(*tasks)):
-            progress.finished(out_dir, stats)
+        _compute_here(tasks, out_dirs, progress)
         return
     from distributed import as_completed
 
@@ -357,9 +408,7 @@ def _compute(tasks: list, out_dirs: list[Path], progress: Progress) -> None:
                 progress.finished(where[future.key], future.result())
     except StopRequested:
         _drain(client, futures, progress, where)
-        raise Preempted(f"{progress.done} of {progress.total} partitions finished; the answers "
-                        "in flight were journaled. Rerun the same command (or requeue the job) "
-                        "to resume") from None
+        raise _preempted(progress) from None
     except BaseException:
         client.cancel(futures)
         raise

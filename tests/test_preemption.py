@@ -81,6 +81,44 @@ def test_sigterm_drains_then_the_rerun_pays_nothing_twice(tmp_path, cluster_clie
     assert got.equals(expected)
 
 
+SCRIPT = """\
+import sys
+from nemocc_dask import LLMConfig, run_to_parquet
+from nemocc_dask.errors import Preempted
+try:
+    run_to_parquet(sys.argv[1], sys.argv[2], "distill",
+                   LLMConfig(base_url=sys.argv[3], model="mock", max_in_flight=8),
+                   rows_per_partition=20, show_progress=False)
+except Preempted as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(75)
+"""
+
+
+def test_sigterm_without_a_cluster_drains_too(tmp_path, cluster_client):
+    """A Python script that runs without a Dask cluster (the local threaded scheduler): SIGTERM
+    raises Preempted after the answers on the wire are journaled, and the rerun resumes."""
+    docs = _docs(tmp_path, 120)
+    expected, reference_requests = _reference(tmp_path, docs, cluster_client)
+    out = tmp_path / "out"
+    with MockLLMServer(latency=0.5) as server:
+        args = [sys.executable, "-c", SCRIPT, str(docs), str(out), server.base_url]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for_answers(out, 24)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+        stopped_at = server.stats.requests
+        assert proc.returncode == 75, stderr[-2000:]
+        assert "Rerun the same command" in stderr
+        assert server.stats.completed == stopped_at, stderr[-3000:]  # nothing left on the wire
+        assert answers_so_far(out) == stopped_at  # every answer received was kept
+        done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        total_requests = server.stats.requests
+    assert total_requests == reference_requests  # no request sent twice
+    assert read_parts(out).sort_values(KEY).reset_index(drop=True).equals(expected)
+
+
 SBATCH = """\
 #!/bin/bash
 #SBATCH --job-name=nemocc-preempt
