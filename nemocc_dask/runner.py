@@ -71,7 +71,8 @@ def fingerprint(job: Job, inputs, tokenizer, seed: int, id_field: str) -> dict:
     knobs such as in-flight or workers)."""
     return {"inputs": inputs, "task": job.preset.describe(), "llm": job.llm.fingerprint_fields(),
             "settings": job.llm.request_settings(job.preset),
-            "tokenizer": tokenizer_name(tokenizer), "served_context": job.llm.max_model_len, "seed": seed, "id_field": id_field,
+            "tokenizer": tokenizer_name(tokenizer), "served_context": job.llm.max_model_len,
+            "seed": seed, "id_field": id_field,
             "route": None if job.route is None else vars(job.route)}
 
 

@@ -28,9 +28,9 @@ import threading
 import time
 from pathlib import Path
 
-from nemocc_dask.serve_process import (HEALTH_FAILURES_BEFORE_RESTART, HEALTH_POLL_SECONDS,
-                                       ServedProcess, ServeError, ServeSpec, alive, health_ok,
-                                       kill_group, log_tail)
+from nemocc_dask.serve_process import (HEALTH_FAILURES_BEFORE_RESTART, ServedProcess,
+                                       ServeError, ServeSpec, alive, health_ok, kill_group,
+                                       wait_for_health)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ def meeting_folder(scheduler: str, spec: ServeSpec) -> Path:
     """The node-local folder where the workers of one cluster serving ``spec`` meet."""
     key = hashlib.sha1(f"{scheduler}|{spec!r}".encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"nemocc-serve-{os.getuid()}" / key
+
+
+def _live(users) -> list[str]:
+    """The users (``PID-worker address``) whose process still runs."""
+    return [u for u in users if alive(int(u.split("-")[0]))]
 
 
 class NodeServer:
@@ -106,7 +111,7 @@ class NodeServer:
         with self._locked():
             state = self._read()
             if state is not None:
-                state["users"] = [u for u in state["users"] if alive(int(u.split("-")[0]))]
+                state["users"] = _live(state["users"])
                 if not state["users"]:  # left over from an earlier run
                     if alive(state["pid"]):
                         kill_group(state["pid"])
@@ -130,19 +135,14 @@ class NodeServer:
                     self._write(state)
                     self.state = state
             return
-        loop = asyncio.get_running_loop()
-        deadline = self.state["started"] + self.spec.startup_timeout
-        while time.time() < deadline:
-            if await loop.run_in_executor(None, self._healthy):
-                return
-            if not alive(self.state["pid"]):
-                raise ServeError(f"the node's served model (PID {self.state['pid']}) exited "
-                                 f"before it was healthy; last lines of {self.state['log']}:\n"
-                                 f"{log_tail(Path(self.state['log']))}")
-            await asyncio.sleep(HEALTH_POLL_SECONDS)
-        raise ServeError(f"the node's served model did not answer {self.spec.health} within "
-                         f"{self.spec.startup_timeout:g} s (--serve-startup-timeout); last lines "
-                         f"of {self.state['log']}:\n{log_tail(Path(self.state['log']))}")
+        pid = self.state["pid"]
+
+        def exited() -> str | None:
+            return None if alive(pid) else f"(PID {pid}) exited"
+
+        await wait_for_health(self._healthy, exited,
+                              self.state["started"] + self.spec.startup_timeout, self.spec,
+                              Path(self.state["log"]))
 
     def _healthy(self) -> bool:
         return health_ok(self.host, self.state["port"], self.spec.health)
@@ -186,8 +186,7 @@ class NodeServer:
         with self._locked():
             state = self._read()
             if state is not None:
-                state["users"] = [u for u in state["users"]
-                                  if u != self.user and alive(int(u.split("-")[0]))]
+                state["users"] = _live(u for u in state["users"] if u != self.user)
                 if state["users"]:
                     self._write(state)
                 else:

@@ -128,6 +128,25 @@ def log_tail(path: Path) -> str:
     return "\n".join(collections.deque(lines, LOG_TAIL_LINES))
 
 
+async def wait_for_health(healthy, exited, deadline: float, spec: ServeSpec,
+                          log_path: Path) -> None:
+    """Poll ``healthy()`` (off the event loop) until it is true. ServeError with the last lines
+    of ``log_path`` once ``exited()`` describes how the server ended, or at ``deadline``
+    (``time.time()``, shared by the workers of a node)."""
+    loop = asyncio.get_running_loop()
+    while time.time() < deadline:
+        ended = exited()
+        if ended is not None:
+            raise ServeError(f"the served model's process {ended} before it was healthy; last "
+                             f"lines of {log_path}:\n{log_tail(log_path)}")
+        if await loop.run_in_executor(None, healthy):
+            return
+        await asyncio.sleep(HEALTH_POLL_SECONDS)
+    raise ServeError(f"the served model did not answer {spec.health} within "
+                     f"{spec.startup_timeout:g} s (--serve-startup-timeout); last lines of "
+                     f"{log_path}:\n{log_tail(log_path)}")
+
+
 # Runs the server with PR_SET_PDEATHSIG set (kept across exec): it gets SIGTERM when the thread
 # that started it dies (the worker's event loop: the worker process), even by kill -9. A shim
 # rather than preexec_fn, which is unsafe in a threaded process such as a Dask worker.
@@ -177,21 +196,18 @@ class ServedProcess:
         return health_ok(self.host, self.port, self.spec.health)
 
     async def wait_healthy(self) -> None:
-        """Until the health path answers; ServeError if the process exits or the timeout ends."""
-        deadline = time.monotonic() + self.spec.startup_timeout
-        loop = asyncio.get_running_loop()
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServeError(f"the served model's process exited with status "
-                                 f"{self.proc.returncode} before it was healthy; last lines of "
-                                 f"{self.log_path}:\n{log_tail(self.log_path)}")
-            if await loop.run_in_executor(None, self.healthy):
-                return
-            await asyncio.sleep(HEALTH_POLL_SECONDS)
-        self.stop()
-        raise ServeError(f"the served model did not answer {self.spec.health} within "
-                         f"{self.spec.startup_timeout:g} s (--serve-startup-timeout); last lines "
-                         f"of {self.log_path}:\n{log_tail(self.log_path)}")
+        """Until the health path answers; ServeError if the process exits or the timeout ends
+        (then it is stopped)."""
+        def exited() -> str | None:
+            return (None if self.proc.poll() is None
+                    else f"exited with status {self.proc.returncode}")
+
+        try:
+            await wait_for_health(self.healthy, exited, time.time() + self.spec.startup_timeout,
+                                  self.spec, self.log_path)
+        except ServeError:
+            self.stop()
+            raise
 
     async def supervise_once(self) -> None:
         """Restart the server if it exited or stopped answering (at most max_restarts times;

@@ -56,6 +56,21 @@ def _wait_for_answers(out: Path, at_least: int, timeout: float = 120) -> None:
     assert answers_so_far(out) >= at_least, "the run never got going"
 
 
+def _sigterm_mid_run(args: list[str], out: Path, server) -> str:
+    """Start ``args``, SIGTERM it once answers arrive, check the clean stop (exit 75 with the
+    rerun advice, nothing left on the wire, every answer received kept); its stderr."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_answers(out, 24)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    stopped_at = server.stats.requests
+    assert proc.returncode == 75, stderr[-2000:]
+    assert "Rerun the same command" in stderr
+    assert server.stats.completed == stopped_at, stderr[-3000:]  # nothing left on the wire
+    assert answers_so_far(out) == stopped_at  # every answer received was kept
+    return stderr
+
+
 def test_sigterm_drains_then_the_rerun_pays_nothing_twice(tmp_path, cluster_client):
     docs = _docs(tmp_path, 120)
     expected, reference_requests = _reference(tmp_path, docs, cluster_client)
@@ -63,16 +78,9 @@ def test_sigterm_drains_then_the_rerun_pays_nothing_twice(tmp_path, cluster_clie
     with MockLLMServer(latency=0.5) as server:
         args = [sys.executable, "-m", "nemocc_dask.cli", *_run_args(docs, out, server),
                 "--workers", "2", "--threads-per-worker", "2"]
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for_answers(out, 24)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
-        stopped_at = server.stats.requests
-        assert proc.returncode == 75, stderr[-2000:]
-        assert "Rerun the same command" in stderr and "Traceback" not in stderr
+        stderr = _sigterm_mid_run(args, out, server)
+        assert "Traceback" not in stderr
         assert len(list((out / "parts").glob("*.parquet"))) < 6  # it stopped mid-run
-        assert server.stats.completed == stopped_at, stderr[-3000:]  # nothing left on the wire
-        assert answers_so_far(out) == stopped_at  # every answer received was kept
         done = subprocess.run(args, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         total_requests = server.stats.requests
@@ -103,15 +111,7 @@ def test_sigterm_without_a_cluster_drains_too(tmp_path, cluster_client):
     out = tmp_path / "out"
     with MockLLMServer(latency=0.5) as server:
         args = [sys.executable, "-c", SCRIPT, str(docs), str(out), server.base_url]
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for_answers(out, 24)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
-        stopped_at = server.stats.requests
-        assert proc.returncode == 75, stderr[-2000:]
-        assert "Rerun the same command" in stderr
-        assert server.stats.completed == stopped_at, stderr[-3000:]  # nothing left on the wire
-        assert answers_so_far(out) == stopped_at  # every answer received was kept
+        _sigterm_mid_run(args, out, server)
         done = subprocess.run(args, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         total_requests = server.stats.requests

@@ -90,17 +90,17 @@ def _models_when_ready(url: str, api_key: str | None, timeouts: tuple[float, ...
 def preflight(llm: LLMConfig, timeouts: tuple[float, ...] = (10.0, 30.0, 60.0)) -> int | None:
     """Raise PreflightError unless every endpoint is reachable, accepts the key and serves the
     model; return the served context (``llm.max_model_len``, else the smallest context the
-    endpoints report for the model (``_served_context``), else None). A server that accepts the connection but
-    answers slowly is given ``timeouts`` one after the other before giving up; one that refuses
-    it fails at once. Custom clients are not checked."""
+    endpoints report for the model (``_served_context``), else None). A server that accepts the
+    connection but answers slowly is given ``timeouts`` one after the other before giving up;
+    one that refuses it fails at once. Custom clients are not checked."""
     if llm.client_factory is not None:
         return llm.max_model_len
     contexts = []
     for url in llm.base_url:
         entries = _models_when_ready(url, llm.api_key, timeouts)
         models = [m.get("id") for m in entries]
-        contexts += [_served_context(m) for m in entries
-                     if m.get("id") == llm.model and _served_context(m) is not None]
+        contexts += [context for context in (_served_context(m) for m in entries
+                                             if m.get("id") == llm.model) if context is not None]
         if llm.model not in models:
             shown = ", ".join(str(m) for m in models[:20]) or "none"
             raise PreflightError(f"model {llm.model!r} is not served by {url}; it serves: {shown}. "
