@@ -51,7 +51,7 @@ def _drive(urls: list[str], max_in_flight, seconds: float, rate: float) -> dict:
                 break
     finally:
         stream.close()
-        windows = [e.window_now for e in pool.endpoints]
+        windows = [e.window for e in pool.endpoints]
         pool.close()
     return {"answers": answers, "failures": failures, "windows": windows}
 

@@ -259,7 +259,8 @@ def cmd_serve_mock(args) -> int:
                   api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
                   max_model_len=args.max_model_len, tokenizer=args.tokenizer,
                   tokenize_route=not args.no_tokenize_route, capacity=args.capacity,
-                  knee=args.knee, metrics=not args.no_metrics, retry_after=args.retry_after)
+                  knee=args.knee, metrics=not args.no_metrics, retry_after=args.retry_after,
+                  noise_sigma=args.noise_sigma, overflow=args.overflow)
     return 0
 
 
@@ -332,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--knee", type=float, help="with --capacity (default: the capacity)")
     mock.add_argument("--no-metrics", action="store_true",
                       help="do not serve GET /metrics (vLLM's running/waiting gauges)")
+    mock.add_argument("--noise-sigma", type=float, default=0.0,
+                      help="multiply every service time by exp(N(0, sigma))")
+    mock.add_argument("--overflow", choices=["queue", "429"], default="queue",
+                      help="what a request finds when every slot is busy: a FIFO queue "
+                           "(default) or an immediate 429")
     mock.add_argument("--rate-429", type=float, default=0.0)
     mock.add_argument("--retry-after", type=float, default=0.05,
                       help="Retry-After seconds sent with injected 429s")

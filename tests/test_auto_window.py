@@ -30,7 +30,7 @@ def _learned_window(server, n: int) -> tuple[int, list[int]]:
         list(pool.stream(_requests(n)))
         endpoint = pool.endpoints[0]
         windows = [b["window"] for _, b in sorted(endpoint.series.buckets.items())]
-        return endpoint.window_now, windows
+        return endpoint.window, windows
     finally:
         pool.close()
 
@@ -39,7 +39,7 @@ def _learned_window(server, n: int) -> tuple[int, list[int]]:
 @pytest.mark.parametrize("metrics", [True, False])
 def test_the_learned_window_lands_near_the_capacity(metrics, caplog):
     with MockLLMServer(capacity=32, per_token_latency=0.002, metrics=metrics) as server, \
-            caplog.at_level(logging.INFO, logger="nemocc_dask.llm.pool"):
+            caplog.at_level(logging.INFO, logger="nemocc_dask"):
         window, _ = _learned_window(server, 1500)
     assert 0.75 * 32 <= window <= 1.5 * 32, caplog.text  # the benchmark measures it closely
     changes = [r.message for r in caplog.records if " -> " in r.message]
@@ -50,7 +50,7 @@ def test_the_learned_window_lands_near_the_capacity(metrics, caplog):
 @pytest.mark.slow
 def test_retry_after_pauses_the_whole_endpoint(caplog):
     with MockLLMServer(rate_429=0.03, retry_after=1.0, latency=0.01, seed=3) as server, \
-            caplog.at_level(logging.INFO, logger="nemocc_dask.llm.pool"):
+            caplog.at_level(logging.INFO, logger="nemocc_dask"):
         llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=10,
                         backoff_base=0.01, backoff_max=5)
         pool = new_pool(llm, llm.in_flight_total)
@@ -72,7 +72,7 @@ def test_a_twice_as_fast_endpoint_serves_about_twice_the_requests():
         llm = LLMConfig(base_url=[fast.base_url, slow.base_url], model="mock")
         pool = new_pool(llm, llm.in_flight_total)
         list(pool.stream(_requests(1500)))
-        windows = [e.window_now for e in pool.endpoints]
+        windows = [e.window for e in pool.endpoints]
         pool.close()
     ratio = fast.stats.completed / slow.stats.completed
     assert 1.5 <= ratio <= 2.6, (ratio, windows)

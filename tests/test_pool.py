@@ -50,18 +50,20 @@ def test_backoff_honours_retry_after():
 
 
 def test_overload_shrinks_window_and_success_regrows_it():
-    with MockLLMServer(rate_429=1.0, retry_after=0.0) as server:
+    with MockLLMServer(rate_429=1.0, retry_after=0.0, latency=0.02) as server:
         llm = LLMConfig(base_url=server.base_url, model="mock", max_retries=0, max_in_flight=16)
         pool = new_pool(llm, 16)
-        pool.endpoints[0].mean_latency = 0.0
         list(pool.stream(_requests(8)))
+        time.sleep(0.3)  # the next report carries the 429s to the pool's coordinator
         shrunk = pool.endpoints[0].window
         server.rates = (0.0, 0.0, 0.0)
         list(pool.stream(_requests(40, tag="b")))
+        time.sleep(0.3)
         assert pool.endpoints[0].window < 16  # back by one slot per round trip, not per answer
-        list(pool.stream(_requests(400, tag="c")))
+        list(pool.stream(_requests(600, tag="c")))
+        time.sleep(0.3)
         pool.close()
-    assert shrunk < 16
+    assert shrunk == 8
     assert pool.endpoints[0].window == 16
 
 
@@ -75,3 +77,27 @@ def test_window_is_filled_and_slides():
     busy = [n for _, n in server.stats.in_flight_samples if n > 0]
     # while work remains the window stays (nearly) full: no waves that drain to zero
     assert sum(n >= 6 for n in busy) / len(busy) > 0.8
+
+
+def _client_for(url: str, key: str = "k"):
+    return (url, key)
+
+
+def test_pool_identity_covers_what_builds_clients_or_changes_answers():
+    import functools
+
+    a = LLMConfig(client_factory=functools.partial(_client_for, "http://a/v1"))
+    b = LLMConfig(client_factory=functools.partial(_client_for, "http://b/v1"))
+    again = LLMConfig(client_factory=functools.partial(_client_for, "http://a/v1"))
+    assert a.pool_key() != b.pool_key() and a.endpoints != b.endpoints
+    assert a.pool_key() == again.pool_key()  # the same factory, rebuilt (as on each worker)
+    assert a.endpoints[0].startswith("custom:_client_for#")
+
+    def closure_over(url):
+        return lambda: _client_for(url)
+
+    assert (LLMConfig(client_factory=closure_over("http://a/v1")).pool_key()
+            != LLMConfig(client_factory=closure_over("http://b/v1")).pool_key())
+    plain = LLMConfig(base_url="http://a/v1", model="m")
+    assert plain.pool_key() != LLMConfig(base_url="http://a/v1", model="m",
+                                         return_all_choices=True).pool_key()

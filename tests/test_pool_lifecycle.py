@@ -11,7 +11,8 @@ import pytest
 from nemocc_dask.llm.client import OpenAIHTTPClient, RetryableError
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.mock import MockLLMServer
-from nemocc_dask.llm.pool import EndpointsBroken, PoolClosed, Request, get_pool, new_pool
+from nemocc_dask.llm.pool import (EndpointsBroken, PoolClosed, Request, WorkerPool, _factories,
+                                  get_pool, new_pool)
 from nemocc_dask.presets import PRESETS
 
 
@@ -174,3 +175,46 @@ def test_connection_error_names_the_address():
     assert info.value.error_class == "connection"
     assert "http://127.0.0.1:9/v1/chat/completions" in str(info.value)
     assert "Cannot connect" in str(info.value) or "Connect" in str(info.value)
+
+
+class _StallingLink:
+    """A coordinator that answers once (cap 4, a short lease) and then never again, like a
+    scheduler the worker cannot reach while its process or event loop is stalled."""
+
+    report_seconds = idle_report_seconds = 0.05
+
+    def __init__(self, lease: float):
+        self.lease = lease
+        self.answered = 0
+        self.resume = threading.Event()
+
+    def on_worker_loop(self) -> bool:
+        return False
+
+    async def exchange(self, reports):
+        if self.answered and not self.resume.is_set():
+            while not self.resume.is_set():
+                await asyncio.sleep(0.01)
+        self.answered += 1
+        return {"lease": self.lease,
+                "endpoints": {name: {"cap": 4, "epoch": 0, "window": 4} for name in reports}}
+
+
+def test_a_pool_whose_lease_lapses_sends_nothing_until_it_is_renewed():
+    with MockLLMServer(latency=0.05) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock")
+        link = _StallingLink(lease=0.5)
+        pool = WorkerPool(_factories(llm, 4), 4, 0, 0.01, 0.1, 1.0, budget=link)
+        results, started = [], time.monotonic()
+        consumer = threading.Thread(target=lambda: results.extend(pool.stream(
+            _requests(200))))
+        consumer.start()
+        time.sleep(1.5)
+        sent_while_fenced = [t - started for t in server.stats.arrivals
+                             if t - started > 0.5 + 0.1]
+        link.resume.set()
+        consumer.join(timeout=60)
+        pool.close()
+    assert not sent_while_fenced, sent_while_fenced  # 0.1 s: a request already on its way
+    assert len(results) == 200 and all(r.error is None for r in results)
+    assert server.stats.max_in_flight <= 4

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -142,9 +144,7 @@ class LLMConfig:
     def endpoints(self) -> tuple[str, ...]:
         """Endpoint names: the base URLs, or one pseudo-endpoint for a custom client."""
         if self.client_factory is not None:
-            factory = getattr(self.client_factory, "func", self.client_factory)  # partial
-            name = getattr(factory, "__qualname__", type(factory).__name__)
-            return (f"custom:{name}",)
+            return (custom_endpoint_name(self.client_factory),)
         return self.base_url
 
     def request_settings(self, preset: TaskPreset) -> dict:
@@ -175,5 +175,33 @@ class LLMConfig:
                     "retries": self.max_retries, "backoff": [self.backoff_base, self.backoff_max],
                     "cooldown": self.endpoint_cooldown,
                     "budget": [self.max_failed_fraction, self.failure_min_requests],
+                    "all_choices": self.return_all_choices,
                     "key": hashlib.sha256((self.api_key or "").encode()).hexdigest()[:12]}
         return json.dumps(material, sort_keys=True)
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _callable_material(factory) -> str:
+    """What identifies a client factory across processes: a partial's function and arguments, a
+    function's code, defaults and closure, another callable's type and repr (no addresses)."""
+    if isinstance(factory, functools.partial):
+        return repr((_callable_material(factory.func), factory.args,
+                     sorted(factory.keywords.items())))
+    code = getattr(factory, "__code__", None)
+    if code is not None:
+        cells = tuple(c.cell_contents for c in (factory.__closure__ or ()))
+        return repr((factory.__module__, factory.__qualname__, code.co_code, code.co_consts,
+                     factory.__defaults__, factory.__kwdefaults__, cells))
+    return f"{type(factory).__module__}.{type(factory).__qualname__}:{factory!r}"
+
+
+def custom_endpoint_name(factory) -> str:
+    """``custom:<name>#<hash>``: readable, and distinct for factories that build different
+    clients (a partial with other arguments, a closure over another URL)."""
+    func = getattr(factory, "func", factory)
+    name = getattr(func, "__qualname__", type(func).__name__)
+    material = _ADDRESS.sub("", _callable_material(factory))
+    return f"custom:{name}#{hashlib.sha256(material.encode()).hexdigest()[:8]}"
+

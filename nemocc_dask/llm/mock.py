@@ -3,8 +3,9 @@
 Serves ``GET /v1/models`` and ``POST /v1/chat/completions`` on 127.0.0.1. Answers are deterministic
 functions of the prompt and shaped like a real model's for each of the five tasks (prefix lines,
 "- Question: ... Answer: ..." lines, bullets, passages, occasional markdown); any other prompt gets a
-plain rewrite. Latency is ``latency + per_token_latency * completion_tokens``; at most
-``max_concurrency`` requests are served at once. Faults are injected at the given rates: 429 with
+plain rewrite. Latency is ``latency + per_token_latency * completion_tokens`` (times a log-normal
+factor with ``noise_sigma``); at most ``max_concurrency`` requests are served at once, the others
+wait in a FIFO queue (or, with ``overflow="429"``, are refused at once). Faults are injected at the given rates: 429 with
 ``Retry-After``, 500, and dropped connections; ``fail_marker`` makes every request whose prompt
 contains it answer 400.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
 import re
 import threading
@@ -113,6 +115,20 @@ class MockStats:
     arrivals: list = field(default_factory=list)   # time.monotonic() of each chat request
     throttled: list = field(default_factory=list)  # time.monotonic() of each 429 answer
     in_flight_samples: list = field(default_factory=list)  # (time, in flight) with track_in_flight
+    in_service: int = 0          # requests being served now (not waiting for a slot)
+    busy_seconds: float = 0.0    # integral of in_service over time
+    service_seconds: float = 0.0  # sum of the served requests' service times
+    queue_wait_seconds: float = 0.0  # sum of their waits for a slot
+    served: int = 0
+    overflow_429: int = 0
+    _busy_since: float = 0.0
+
+    def serving(self, delta: int) -> None:
+        """``delta`` requests start (+1) or end (-1) service now."""
+        now = time.monotonic()
+        self.busy_seconds += self.in_service * (now - self._busy_since)
+        self.in_service += delta
+        self._busy_since = now
     messages: list = field(default_factory=list)       # with record_messages
     authorization: list = field(default_factory=list)  # with record_messages
     headers: list = field(default_factory=list)        # with record_messages
@@ -128,7 +144,8 @@ class MockLLMServer:
                  api_key: str | None = None, record_messages: bool = False,
                  track_in_flight: bool = False, seed: int = 0, max_model_len: int | None = None,
                  tokenizer: str | None = None, tokenize_route: bool = True,
-                 capacity: int | None = None, knee: float | None = None, metrics: bool = True):
+                 capacity: int | None = None, knee: float | None = None, metrics: bool = True,
+                 noise_sigma: float = 0.0, overflow: str = "queue"):
         """``max_model_len``: the served context, reported by ``GET /v1/models`` (as vLLM does);
         a request whose prompt plus ``max_tokens`` exceeds it is refused with HTTP 400, as a real
         server refuses it. Prompts are counted with ``tokenizer`` (the served model's: a
@@ -144,7 +161,15 @@ class MockLLMServer:
         ``capacity``) instead of a fixed latency per token. ``metrics``: serve ``GET /metrics``
         in vLLM's Prometheus format (``vllm:num_requests_running``,
         ``vllm:num_requests_waiting``). ``POST /mock/capacity {"capacity": N}`` changes the
-        capacity while serving."""
+        capacity while serving.
+
+        ``noise_sigma``: every service time is multiplied by ``exp(N(0, sigma))``.
+        ``overflow="429"``: a request that finds every slot (``max_concurrency``, or ``capacity``)
+        taken is answered 429 at once, without ``Retry-After``, instead of waiting in the queue.
+        ``GET /mock/stats`` reports the server's occupancy (``busy_seconds``) and queueing."""
+        if overflow not in ("queue", "429"):
+            raise ValueError(f"overflow must be 'queue' or '429', not {overflow!r}")
+        self.noise_sigma, self.overflow = noise_sigma, overflow
         self.max_model_len = max_model_len
         self.capacity, self.knee, self.metrics = capacity, knee, metrics
         self._engine = None
@@ -243,25 +268,40 @@ class MockLLMServer:
         max_tokens = body.get("max_tokens")
         if max_tokens is not None and completion_tokens > max_tokens:
             answer, completion_tokens, finish = answer[: max_tokens * 4], max_tokens, "length"
+        noise = math.exp(self._rng.gauss(0.0, self.noise_sigma)) if self.noise_sigma else 1.0
+        slots = self.capacity or self.max_concurrency
+        if self.overflow == "429" and stats.in_flight >= slots:
+            stats.overflow_429 += 1
+            stats.throttled.append(time.monotonic())
+            return self._error(429, "all slots are busy")
         if self._engine is not None:
             stats.in_flight += 1
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
             try:
                 if self.latency:
-                    await asyncio.sleep(self.latency)
+                    await asyncio.sleep(self.latency * noise)
                 await self._engine.decode(completion_tokens)
             finally:
                 stats.in_flight -= 1
         else:
-            async with self._semaphore:
-                stats.in_flight += 1
-                stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
-                try:
-                    delay = self.latency + self.per_token_latency * completion_tokens
-                    if delay:
-                        await asyncio.sleep(delay)
-                finally:
-                    stats.in_flight -= 1
+            queued_at = time.monotonic()
+            stats.in_flight += 1
+            stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+            try:
+                async with self._semaphore:
+                    started = time.monotonic()
+                    stats.queue_wait_seconds += started - queued_at
+                    stats.serving(+1)
+                    try:
+                        delay = (self.latency + self.per_token_latency * completion_tokens) * noise
+                        if delay:
+                            await asyncio.sleep(delay)
+                    finally:
+                        stats.serving(-1)
+                        stats.service_seconds += time.monotonic() - started
+                        stats.served += 1
+            finally:
+                stats.in_flight -= 1
         stats.completed += 1
         prompt_tokens = self._prompt_tokens(messages)
         n = int(body.get("n") or 1)
@@ -321,10 +361,19 @@ class MockLLMServer:
         stats, engine = self.stats, self._engine
         answer = {"requests": stats.requests, "completed": stats.completed,
                   "in_flight": stats.in_flight, "max_in_flight": stats.max_in_flight,
-                  "injected_429": stats.injected_429, "rejected_400": stats.rejected_400}
+                  "injected_429": stats.injected_429, "rejected_400": stats.rejected_400,
+                  "overflow_429": stats.overflow_429, "time": time.monotonic()}
+        if engine is None:
+            stats.serving(0)
+            answer.update(slots=self.max_concurrency, busy_seconds=stats.busy_seconds,
+                          served=stats.served, service_seconds=stats.service_seconds,
+                          queue_wait_seconds=stats.queue_wait_seconds)
         if engine is not None:
             answer.update(capacity=engine.capacity, admitted=engine.admitted,
                           queue_wait_total=engine.total_queue_wait,
+                          slots=engine.capacity, busy_seconds=engine.busy_seconds,
+                          service_seconds=engine.total_service,
+                          queue_wait_seconds=engine.total_queue_wait, served=engine.admitted,
                           decoded_tokens=engine.decoded_tokens,
                           max_tokens_per_second=engine.max_tokens_per_second())
         if request.query.get("log"):
@@ -334,8 +383,7 @@ class MockLLMServer:
     def _running_waiting(self) -> tuple[int, int]:
         if self._engine is not None:
             return len(self._engine.running), len(self._engine.queue)
-        return min(self.stats.in_flight, self.max_concurrency), max(
-            0, self.stats.in_flight - self.max_concurrency)
+        return self.stats.in_service, max(0, self.stats.in_flight - self.stats.in_service)
 
     async def _metrics(self, request):
         """vLLM's scheduler gauges, in Prometheus text format."""

@@ -38,6 +38,8 @@ class DecodeEngine:
         self.queue: collections.deque[_Sequence] = collections.deque()
         self.running: list[_Sequence] = []
         self.total_queue_wait = 0.0
+        self.total_service = 0.0   # seconds from admission to the last token, finished ones
+        self.busy_seconds = 0.0    # integral of the sequences decoding over time
         self.admitted = 0
         self.decoded_tokens = 0.0
         self._wake = asyncio.Event()
@@ -88,6 +90,7 @@ class DecodeEngine:
             now = time.monotonic()
             self._admit(now)
             if self.running:
+                self.busy_seconds += len(self.running) * (now - last)
                 step = (now - last) / self.seconds_per_token(len(self.running))
                 finished = []
                 for sequence in self.running:
@@ -97,6 +100,7 @@ class DecodeEngine:
                     if sequence.tokens_left <= 1e-9:
                         finished.append(sequence)
                 for sequence in finished:
+                    self.total_service += now - sequence.started_at
                     self.running.remove(sequence)
                     sequence.done.set_result(sequence.started_at - sequence.queued_at)
                 self._admit(now)

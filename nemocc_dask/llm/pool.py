@@ -3,16 +3,16 @@
 Every Dask task on a worker process that needs completions calls ``get_pool(llm).stream(requests)``
 and iterates over results as they finish. All partitions running on the worker share one window per
 endpoint: a slot is handed to the next waiting request the moment one frees up (no waves). Requests
-waiting out a backoff hold no slot. An endpoint's limit is the smaller of its cap and its window:
-with ``max_in_flight="auto"`` the window its ``concurrency.WindowController`` learns (fed with
-every answer, and with the server's queue from ``/metrics`` polled every ``METRICS_SECONDS``);
-with a fixed number, that number, halved by 429/503 (at most once per mean latency) and grown
-back by 1/16 of it per round trip. A ``Retry-After`` pauses the whole endpoint. An endpoint whose
+waiting out a backoff hold no slot. A ``Retry-After`` pauses the whole endpoint. An endpoint whose
 connections keep failing is taken out for a cool-down; its requests go to the others.
 
-The cap: on a Dask worker, the pool's share of the cluster-wide ``max_in_flight``, learned from the
-scheduler's allocator (``budget``) about every 0.1 s; with ``max_in_flight_per_worker``, or
-outside a Dask worker, a fixed number.
+The cap of each endpoint comes from a coordinator (``budget``): on a Dask worker the scheduler's,
+which learns one window per endpoint for the whole cluster (``max_in_flight="auto"``,
+``concurrency.WindowController``) or holds a fixed ``max_in_flight`` (halved by 429/503), and
+divides it among the workers by demand, under leases; with ``max_in_flight_per_worker``, or
+outside a Dask worker, a coordinator of the pool's own. The pool reports what it sent and saw
+(``Endpoint.take_report``), tags each request with the epoch it was sent in, and polls the
+server's ``/metrics`` queue every ``METRICS_SECONDS`` when the coordinator makes it the poller.
 
 Failure budget: an endpoint whose finished requests fail more than ``max_failed_fraction`` of the
 time (after ``failure_min_requests`` of them) is clearly broken and gets no more requests; when
@@ -44,11 +44,11 @@ from typing import Any, Callable, Iterator
 
 from nemocc_dask.errors import Preempted, RunError
 from nemocc_dask.llm.client import Completion, LLMRequestError, OpenAIHTTPClient, RetryableError
-from nemocc_dask.llm.concurrency import Change, WindowController
 from nemocc_dask.llm.config import LLMConfig, server_root
-from nemocc_dask.llm.telemetry import INTERVAL_SECONDS, EndpointSeries, parse_queue_metrics
+from nemocc_dask.llm.coordinator import LocalLink
+from nemocc_dask.llm.endpoint import Endpoint
+from nemocc_dask.llm.telemetry import INTERVAL_SECONDS, parse_queue_metrics
 
-CONNECTION_FAILURES_BEFORE_COOLDOWN = 3
 LIVENESS_CHECK_SECONDS = 1.0
 METRICS_SECONDS = 0.5
 METRICS_FAILURES_BEFORE_LATENCY = 3
@@ -92,113 +92,6 @@ class Result:
     aborted: bool = False
 
 
-class Endpoint:
-    """One endpoint's client, adaptive window and health."""
-
-    def __init__(self, name: str, client: Any, window: int, cap: int,
-                 controller: WindowController | None = None):
-        self.name = name
-        self.client = client
-        self.max_window = window
-        self.window = float(window)
-        self.cap = cap
-        self.controller = controller
-        self.series = EndpointSeries()
-        self.answers = 0
-        self.unloaded: float | None = None  # the lowest latency per token seen
-        self.per_token: float | None = None  # latency per token, moving average
-        self.queue: tuple[int, int] | None = None  # the server's (running, waiting), if known
-        self.in_flight = 0
-        self.consecutive_connection_failures = 0
-        self.cooldown_until = 0.0
-        self.last_decrease = 0.0
-        self.mean_latency = 1.0
-        self.finished_ok = 0
-        self.finished_failed = 0
-        self.example_failure: str | None = None
-        self.broken = False
-
-    def status(self) -> dict:
-        """What the progress line shows about this endpoint (sent with budget reports)."""
-        return {"window": self.window_now, "in_flight": self.in_flight, "answers": self.answers,
-                "errors": self.finished_failed, "per_token": self.per_token,
-                "unloaded": self.unloaded,
-                "waiting": self.queue[1] if self.queue else None,
-                "paused": self.cooldown_until > time.monotonic()}
-
-    def has_slot(self, now: float) -> bool:
-        return (not self.broken and now >= self.cooldown_until
-                and self.in_flight < self.limit)
-
-    @property
-    def window_now(self) -> int:
-        """The window: learned (``max_in_flight="auto"``), else the fixed one as 429s left it."""
-        return self.controller.window if self.controller else int(self.window)
-
-    @property
-    def limit(self) -> int:
-        """The most requests this endpoint may have in flight now."""
-        return min(self.cap, self.window_now)
-
-    def count_outcome(self, failure: str | None, max_failed_fraction: float,
-                      min_requests: int) -> bool:
-        """Count a finished request (``failure`` is its error, None if answered); True when this
-        makes the endpoint broken (its failures exceed the budget)."""
-        if failure is None:
-            self.finished_ok += 1
-            return False
-        self.finished_failed += 1
-        self.example_failure = self.example_failure or failure
-        finished = self.finished_ok + self.finished_failed
-        if (not self.broken and finished >= min_requests
-                and self.finished_failed / finished > max_failed_fraction):
-            self.broken = True
-            return True
-        return False
-
-    def describe_failures(self) -> str:
-        return (f"{self.name}: {self.finished_failed} of "
-                f"{self.finished_ok + self.finished_failed} requests failed, e.g. "
-                f"{self.example_failure}")
-
-    def on_success(self, tag: int | None, latency: float, tokens: int) -> Change | None:
-        """Count an answer; with a learned window, returns the controller's change if any."""
-        self.consecutive_connection_failures = 0
-        self.answers += 1
-        self.mean_latency = 0.9 * self.mean_latency + 0.1 * latency
-        per_token = latency / max(1, tokens)
-        self.unloaded = per_token if self.unloaded is None else min(self.unloaded, per_token)
-        self.per_token = per_token if self.per_token is None else (
-            0.9 * self.per_token + 0.1 * per_token)
-        self.series.answer(latency, tokens, self.window_now)
-        if self.controller is not None:
-            return self.controller.on_answer(tag, latency, tokens, time.monotonic())
-        # fixed window after a 429 cut: back by max_window/16 per round trip
-        self.window = min(self.max_window,
-                          self.window + max(1.0, self.max_window / 16) / max(1.0, self.window))
-        return None
-
-    def on_overload(self, now: float) -> Change | None:
-        """A 429/503: halve the window (once per round trip)."""
-        if self.controller is not None:
-            return self.controller.on_overload(now, self.mean_latency)
-        if now - self.last_decrease >= self.mean_latency:
-            old = int(self.window)
-            self.window = max(1.0, min(self.window, max(1, self.cap)) / 2)
-            self.last_decrease = now
-            return Change(old, int(self.window), "the server answered 429/503")
-        return None
-
-    def on_connection_failure(self, now: float, cooldown: float) -> bool:
-        """Count a failed connection; True when the endpoint goes into cool-down."""
-        self.consecutive_connection_failures += 1
-        if self.consecutive_connection_failures >= CONNECTION_FAILURES_BEFORE_COOLDOWN:
-            self.cooldown_until = now + cooldown
-            self.consecutive_connection_failures = 0
-            return True
-        return False
-
-
 def _backoff(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
     delay = min(cap, base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
     if retry_after is not None:
@@ -214,10 +107,11 @@ class WorkerPool:
                  secret: str | None = None, max_failed_fraction: float = 0.5,
                  failure_min_requests: int = 50, budget=None, auto: bool = False,
                  metrics_urls: dict[str, str] | None = None, metrics_headers: dict | None = None):
-        """``window``: each endpoint's fixed cap, or with ``budget`` (a ``budget.BudgetLink``)
-        the ceiling of the caps the cluster's allocator grants. ``auto``: each endpoint's window
-        is learned below that (``concurrency.WindowController``), from the server's queue at
-        ``metrics_urls[name]`` where it answers, else from latency."""
+        """``window``: the most each endpoint may have in flight (``max_in_flight``); with
+        ``auto`` the window is learned below that (``concurrency.WindowController``), from the
+        server's queue at ``metrics_urls[name]`` where it answers, else from latency. ``budget``:
+        where the caps come from (a ``budget.BudgetLink`` to the scheduler, shared by the
+        cluster; by default a ``budget.LocalLink`` of this pool's own)."""
         clients = [(name, factory()) for name, factory in endpoints]  # may raise: nothing to undo
         self._max_retries = max_retries
         self._backoff = (backoff_base, backoff_max)
@@ -226,13 +120,15 @@ class WorkerPool:
         self._failure_budget = (max_failed_fraction, failure_min_requests)
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._wake_at: float | None = None
-        self._budget = budget
+        self._budget = budget if budget is not None else LocalLink()
         self._budget_wake: asyncio.Event | None = None
-        self.endpoints = [Endpoint(name, client, window, 0 if budget else window,
-                                   WindowController(window) if auto else None)
-                          for name, client in clients]
-        self._metrics_urls = metrics_urls or {}
+        self._lease_lapsed = False
+        self.endpoints = [Endpoint(name, client, window, auto) for name, client in clients]
+        for endpoint in self.endpoints:
+            if auto:
+                endpoint.poll_url = (metrics_urls or {}).get(endpoint.name)
         self._metrics_headers = metrics_headers or {}
+        self._pollers: dict[str, asyncio.Task] = {}
         self.broken: str | None = None
         self._stop_error: type[RunError] = EndpointsBroken
         self.closed = False
@@ -245,42 +141,26 @@ class WorkerPool:
         self._thread = threading.Thread(target=self.loop.run_forever, name="nemocc-llm-pool",
                                         daemon=True)
         self._thread.start()
-        if budget is not None:
-            self.loop.call_soon_threadsafe(self._start_budget)
-        for endpoint in self.endpoints:
-            if endpoint.controller is not None and endpoint.name in self._metrics_urls:
-                self.loop.call_soon_threadsafe(self._start_metrics, endpoint)
+        self.loop.call_soon_threadsafe(self._start_budget)
 
-    # -- cluster-wide budget ------------------------------------------------------------------
+    # -- the coordinator: caps, epoch tags, leases ----------------------------------------------
     def _start_budget(self) -> None:
         self._budget_wake = asyncio.Event()
         self.loop.create_task(self._budget_loop())
 
-    def _budget_reports(self, closing: bool = False) -> dict[str, dict]:
+    def _reports(self, closing: bool = False) -> dict[str, dict]:
         waiting = 0 if closing else sum(not w.done() for w in self._waiters)
-        return {e.name: {"cap": 0 if closing else e.cap, "in_flight": e.in_flight,
-                         "demand": 0 if closing else self._demand(e, waiting),
-                         "status": e.status()}
-                for e in self.endpoints}
-
-    @staticmethod
-    def _demand(endpoint: Endpoint, waiting: int) -> int:
-        """What ``endpoint`` could use: with a learned window, at most twice that window (room
-        to grow into), so that the budget it cannot use goes to other workers."""
-        demand = endpoint.in_flight + waiting
-        if endpoint.controller is not None:
-            demand = min(demand, max(endpoint.in_flight, 2 * endpoint.controller.window))
-        return demand
+        return {e.name: e.take_report(waiting, closing) for e in self.endpoints}
 
     async def _budget_loop(self) -> None:
-        """Report to the allocator and apply the caps it grants, until the pool closes."""
-        from nemocc_dask.llm.budget import IDLE_REPORT_SECONDS, REPORT_SECONDS
-
+        """Report to the coordinator and apply the caps it grants, until the pool closes."""
         answered = False
+        link = self._budget
         while not self.closed:
-            reports = self._budget_reports()
+            reports = self._reports()
+            sent_at = time.monotonic()
             try:
-                grants = await self._budget.exchange(reports)
+                answer = await link.exchange(reports)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -290,44 +170,53 @@ class WorkerPool:
                         f"({type(exc).__name__}: {exc}); install nemocc_dask where the scheduler "
                         "runs, or give each worker a fixed share with --max-in-flight-per-worker")
                     return
-                await asyncio.sleep(REPORT_SECONDS)  # a hiccup: keep the caps, ask again
+                self._check_lease()  # a hiccup: the caps hold until the lease ends
+                await asyncio.sleep(link.report_seconds)
                 continue
             answered = True
+            lease_until = sent_at + float(answer.get("lease", 0.0))
+            if self._lease_lapsed:
+                logger.warning("the scheduler renewed this pool's share: sending again")
+                self._lease_lapsed = False
             for endpoint in self.endpoints:
-                endpoint.cap = int(grants.get(endpoint.name, 0))
+                endpoint.apply_grant(answer["endpoints"].get(endpoint.name, {}), lease_until)
+                self._start_polling(endpoint)
             self._dispatch()
             busy = any(r["demand"] or r["cap"] for r in reports.values())
             self._budget_wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._budget_wake.wait(),
-                                       REPORT_SECONDS if busy else IDLE_REPORT_SECONDS)
+                await asyncio.wait_for(self._budget_wake.wait(), link.report_seconds if busy
+                                       else link.idle_report_seconds)
 
-    # -- learned windows ----------------------------------------------------------------------
-    def _changed(self, endpoint: Endpoint, change: Change | None) -> None:
-        """Log a window change with its reason and hand out any new room."""
-        if change is None:
-            return
-        logger.info("endpoint %s: window %d -> %d (%s)", endpoint.name, change.old, change.new,
-                    change.reason)
-        self._dispatch()
+    def _check_lease(self) -> None:
+        """Say once when the lease has lapsed (the pool sends nothing until it is renewed)."""
+        now = time.monotonic()
+        if not self._lease_lapsed and any(e.cap and now >= e.lease_until
+                                          for e in self.endpoints):
+            self._lease_lapsed = True
+            logger.warning("this pool's share of the in-flight budget lapsed (no answer from the "
+                           "scheduler): not sending until it is renewed")
 
-    def _start_metrics(self, endpoint: Endpoint) -> None:
-        self.loop.create_task(self._poll_metrics(endpoint))
+    # -- the server's queue gauges --------------------------------------------------------------
+    def _start_polling(self, endpoint: Endpoint) -> None:
+        if endpoint.poll and endpoint.name not in self._pollers:
+            self._pollers[endpoint.name] = self.loop.create_task(self._poll_metrics(endpoint))
 
     async def _poll_metrics(self, endpoint: Endpoint) -> None:
-        """Feed the server's queue (its /metrics) to the endpoint's controller while this pool
-        has work; after repeated failures the window is learned from latency alone."""
+        """Read the server's queue from its /metrics while this pool is the endpoint's poller
+        and has work; after repeated failures, say so (the window is learned from latency)."""
         import aiohttp
 
-        url, failures = self._metrics_urls[endpoint.name], 0
+        failures = 0
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(timeout=timeout, headers=self._metrics_headers) as http:
-            while not self.closed and failures < METRICS_FAILURES_BEFORE_LATENCY:
+            while (not self.closed and endpoint.poll
+                   and failures < METRICS_FAILURES_BEFORE_LATENCY):
                 await asyncio.sleep(METRICS_SECONDS)
                 if not endpoint.in_flight and not self._waiters:
                     continue
                 try:
-                    async with http.get(url) as resp:
+                    async with http.get(endpoint.poll_url) as resp:
                         queue_now = parse_queue_metrics(await resp.text()) if resp.status == 200 \
                             else None
                 except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
@@ -336,28 +225,19 @@ class WorkerPool:
                     failures += 1
                     continue
                 failures = 0
-                endpoint.queue = queue_now
-                self._changed(endpoint, endpoint.controller.on_metrics(
-                    queue_now[0], queue_now[1], endpoint.in_flight))
+                endpoint.queue, endpoint.queue_fresh = queue_now, True
+        self._pollers.pop(endpoint.name, None)
         if failures:
-            endpoint.controller.uses_metrics = False
+            endpoint.metrics_failed = True
             logger.info("endpoint %s: no queue gauges at %s; learning its window from latency",
-                        endpoint.name, url)
-
-    def _mark_limited(self) -> None:
-        """Tell each controller whose own window (not the cluster's cap) keeps requests waiting."""
-        for endpoint in self.endpoints:
-            controller = endpoint.controller
-            if (controller is not None and endpoint.in_flight >= controller.window
-                    and controller.window <= endpoint.cap):
-                controller.on_limited()
+                        endpoint.name, endpoint.poll_url)
 
     # -- window -------------------------------------------------------------------------------
     def _pick(self, now: float) -> Endpoint | None:
         ready = [e for e in self.endpoints if e.has_slot(now)]
         if not ready:
             return None
-        return min(ready, key=lambda e: (e.in_flight / e.limit, e.in_flight))
+        return min(ready, key=lambda e: (e.in_flight / e.cap, e.in_flight))
 
     def _dispatch(self) -> None:
         now = time.monotonic()
@@ -370,18 +250,18 @@ class WorkerPool:
                 continue
             endpoint.in_flight += 1
             waiter.set_result(endpoint)
-        if self._waiters:
-            self._mark_limited()
-        if self._waiters and self._budget_wake is not None and not any(
-                e.cap for e in self.endpoints):
-            self._budget_wake.set()  # waiting with no share yet: ask for one now
-        if self._waiters:
-            wake = min((e.cooldown_until for e in self.endpoints if e.cooldown_until > now),
-                       default=None)
-            if wake is not None and (self._wake_at is None or wake < self._wake_at
-                                     or self._wake_at <= now):
-                self._wake_at = wake
-                self.loop.call_at(self.loop.time() + (wake - now) + 0.001, self._dispatch)
+        if not self._waiters:
+            return
+        if self._budget_wake is not None and not any(
+                e.cap and now < e.lease_until for e in self.endpoints):
+            self._check_lease()
+            self._budget_wake.set()  # waiting with no share (or no lease): ask now
+        wake = min((e.cooldown_until for e in self.endpoints if e.cooldown_until > now),
+                   default=None)
+        if wake is not None and (self._wake_at is None or wake < self._wake_at
+                                 or self._wake_at <= now):
+            self._wake_at = wake
+            self.loop.call_at(self.loop.time() + (wake - now) + 0.001, self._dispatch)
 
     async def _acquire(self) -> Endpoint:
         if self.broken:
@@ -440,18 +320,20 @@ class WorkerPool:
         return await self.loop.run_in_executor(self._executor, client.complete_sync,
                                                request.messages, request.settings)
 
-    async def _attempt(self, endpoint: Endpoint, request: Request) -> tuple[Completion, Any]:
+    async def _attempt(self, endpoint: Endpoint, request: Request) -> tuple[Completion, int]:
         """One call on ``endpoint``, holding its slot until the call ends (or is cancelled);
-        returns the completion and the controller's tag for the request. A failed call counts
-        in the endpoint's series and, for the controller, as lost."""
-        tag = endpoint.controller.sent() if endpoint.controller else None
+        returns the completion and the request's epoch tag. A failed call counts as lost (a
+        429/503 or a timeout as overload)."""
+        tag = endpoint.sent()
         try:
             return await self._call(endpoint, request), tag
+        except asyncio.CancelledError:
+            endpoint.on_lost(tag, overload=False)
+            raise
         except BaseException as exc:
-            if not isinstance(exc, asyncio.CancelledError):
-                endpoint.series.error(endpoint.window_now)
-            if endpoint.controller is not None:
-                self._changed(endpoint, endpoint.controller.on_lost(tag))
+            overload = isinstance(exc, RetryableError) and (exc.overload
+                                                              or exc.error_class == "timeout")
+            endpoint.on_lost(tag, overload)
             raise
         finally:
             self._release(endpoint)
@@ -471,10 +353,8 @@ class WorkerPool:
             except RetryableError as exc:
                 now = time.monotonic()
                 result.failed_endpoints.append(endpoint.name)
-                if exc.overload:
-                    self._changed(endpoint, endpoint.on_overload(now))
-                    if exc.retry_after:
-                        self._pause(endpoint, now, exc.retry_after)
+                if exc.overload and exc.retry_after:
+                    self._pause(endpoint, now, exc.retry_after)
                 if exc.connection and endpoint.on_connection_failure(now, self._cooldown):
                     self._dispatch()
                 if result.attempts > self._max_retries:
@@ -490,8 +370,7 @@ class WorkerPool:
                 return self._final_failure(endpoint, result, "client_error",
                                            f"client_error: {type(exc).__name__}: {exc}")
             result.latency = time.monotonic() - started
-            self._changed(endpoint, endpoint.on_success(tag, result.latency,
-                                                        completion.completion_tokens))
+            endpoint.on_success(tag, result.latency, completion.completion_tokens)
             self._count_outcome(endpoint, None)
             result.endpoint = endpoint.name
             result.completion = completion
@@ -580,16 +459,16 @@ class WorkerPool:
         self.closed = True
         # From the worker's own event loop (worker teardown) the scheduler cannot be asked; the
         # allocator frees a leaving worker's room by itself.
-        give_back = self._budget is not None and not self._budget.on_worker_loop()
+        give_back = not self._budget.on_worker_loop()
 
         async def shutdown():
             current = asyncio.current_task()
             for task in asyncio.all_tasks():
                 if task is not current:
                     task.cancel()
-            if give_back:  # give the room back now rather than when it goes stale
+            if give_back:  # give the room back now rather than when the lease ends
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._budget.exchange(self._budget_reports(True)), 2)
+                    await asyncio.wait_for(self._budget.exchange(self._reports(True)), 2)
             for endpoint in self.endpoints:
                 aclose = getattr(endpoint.client, "aclose", None)
                 if aclose is not None:
@@ -703,9 +582,9 @@ def _adapt(client, llm: LLMConfig):
 
 
 def new_pool(llm: LLMConfig, window: int, budget=None) -> WorkerPool:
-    """A fresh pool for ``llm`` with ``window`` slots per endpoint (learned below that with
-    ``max_in_flight="auto"``), or with ``budget`` (a ``budget.BudgetLink``) at most ``window``
-    as the allocator grants (the caller closes it)."""
+    """A fresh pool for ``llm`` with at most ``window`` in flight per endpoint (learned below
+    that with ``max_in_flight="auto"``), its caps from ``budget`` (a ``budget.BudgetLink`` to the
+    scheduler) or from a coordinator of its own (the caller closes it)."""
     auto = llm.auto_window and llm.max_in_flight_per_worker is None
     urls = ({url: server_root(url) + "/metrics" for url in llm.base_url}  # vLLM, SGLang, TGI
             if llm.client_factory is None else {})
@@ -725,7 +604,7 @@ def _new_pool_here(llm: LLMConfig, worker) -> WorkerPool:
         return new_pool(llm, llm.in_flight_total)
     from nemocc_dask.llm.budget import BudgetLink
 
-    return new_pool(llm, llm.in_flight_total, BudgetLink(worker, llm.in_flight_total))
+    return new_pool(llm, llm.in_flight_total, BudgetLink(worker))
 
 
 def get_pool(llm: LLMConfig) -> WorkerPool:

@@ -107,14 +107,15 @@ def merge_series(series: list[dict[int, dict]]) -> list[dict]:
 
 
 def describe_endpoints(statuses: dict[str, list[dict]]) -> str:
-    """One progress-line segment per endpoint from every pool's status: in flight / window (summed
-    over workers), the server's queue (from /metrics) or latency per token over the unloaded,
+    """One progress-line segment per endpoint from every pool's status: in flight / window (the
+    cluster's window, or the sum of the workers' own), the server's queue (from /metrics) or latency per token over the unloaded,
     error rate, and whether a Retry-After pause is on."""
     parts = []
     for name, holders in sorted(statuses.items()):
         if not holders:
             continue
-        window = sum(h["window"] for h in holders)
+        shared = [h["window"] for h in holders if h.get("shared")]  # the cluster's window
+        window = max(shared) if shared else sum(h["window"] for h in holders)
         in_flight = sum(h["in_flight"] for h in holders)
         answers = sum(h["answers"] for h in holders)
         errors = sum(h["errors"] for h in holders)
