@@ -135,6 +135,14 @@ def test_property_greedy_join_respects_max_length(lengths, max_length):
     ("a * b * c", "a * b * c"),
     ("void *mmap(void *addr)", "void *mmap(void *addr)"),
     ("10**n and 2**k", "10**n and 2**k"),
+    # nested emphasis (decision 6): innermost pairs first, a wrapped line unwrapped
+    ("**a **b** c.**", "a b c."),
+    ("**This **routine** is employed by the specification.**",
+     "This routine is employed by the specification."),
+    ("**see **[x](u) c.**", "see u c."),
+    ("**bold** and **more**", "bold and more"),
+    ("*a *b* c*", "a b c"),
+    ("**a** 10**n **b**", "a 10**n b"),
 ])
 def test_remove_markdown(frame, text, expected):
     df = frame({"t": [text]})

@@ -15,16 +15,39 @@ from nemocc_dask.stages.backend import map_strings
 # Decision 6: the reference's four rules, but a marker only opens at a non-word boundary and only
 # closes before one, so `snake_case_var`, `__init__`, `2*3*4` and `file_name.py` survive. The one
 # exception: a closing marker right after punctuation may be glued to the next word, as LLMs write
-# labels (`**Question:**What is X?`).
-_BOLD = re.compile(r"(?<![\w*])\*\*(?=\S)(.+?)(?<=\S)\*\*(?:(?![\w*])|(?<=[^\w\s*]\*\*)(?=\w))")
-_ITALIC = re.compile(r"(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?:(?![\w*])|(?<=[^\w\s*]\*)(?=\w))")
-_UNDERLINE = re.compile(r"(?<![\w_])_(?=[^\s_])(.+?)(?<=[^\s_])_(?:(?![\w_])|(?<=[^\w\s_]_)(?=\w))")
+# labels (`**Question:**What is X?`). Nested emphasis: the innermost pairs go first (an opener
+# pairs with the nearest closer, as in CommonMark), and a line wrapped whole in a marker is
+# unwrapped, dropping the markers of that kind left unpaired inside it (`**see **[x](u) c.**`).
+class _Emphasis:
+    """One emphasis marker (``**``, ``*`` or ``_``): its pairs, and a line wrapped in it."""
+
+    def __init__(self, marker: str):
+        m, c = re.escape(marker), re.escape(marker[0])
+        opener = rf"(?<![\w{c}]){m}(?=[^\s{c}])"
+        closer = rf"(?<=[^\s{c}]){m}(?:(?![\w{c}])|(?<=[^\w\s{c}]{m})(?=\w))"
+        self.pair = re.compile(rf"{opener}((?:(?!{opener}).)+?){closer}")
+        self.wrapped = re.compile(rf"{opener}(.*){closer}")
+        self.unpaired = re.compile(rf"{opener}|(?<=[^\s{c}]){m}(?![\w{c}])")
+
+    def remove(self, line: str) -> str:
+        wrapped = self.wrapped.fullmatch(line)
+        if wrapped:
+            line = wrapped.group(1)
+        while True:
+            paired = self.pair.sub(r"\1", line)
+            if paired == line:
+                break
+            line = paired
+        return self.unpaired.sub("", line) if wrapped else line
+
+
+_EMPHASIS = [_Emphasis("**"), _Emphasis("*"), _Emphasis("_")]
 _LINK = re.compile(r"\[.*?\]\((.*?)\)")
 
 
 def _remove_markdown_line(line: str) -> str:
-    for pattern in (_BOLD, _ITALIC, _UNDERLINE):
-        line = pattern.sub(r"\1", line)
+    for emphasis in _EMPHASIS:
+        line = emphasis.remove(line)
     return _LINK.sub(r"\1", line)
 
 
