@@ -44,6 +44,7 @@ from nemocc_dask.llm.concurrency import Change, FixedWindow, Tally, WindowContro
 DEMAND_MEMORY_SECONDS = 1.0  # a holder's demand counts as its peak over this long
 TICK_SECONDS = 0.1           # shares and expiries are recomputed at most this often
 ROTATE_ROUND_TRIPS = 4       # with more busy holders than slots, who gets one rotates this often
+MAX_REPORTS_PER_SECOND = 1000  # holders are told to report less often beyond this
 
 logger = logging.getLogger(__name__)
 
@@ -192,16 +193,21 @@ class EndpointBudget:
 class Coordinator:
     """Per-endpoint windows and grants for every holder (pure logic; ``now`` comes in)."""
 
-    def __init__(self, lease: float | None = None, grace: float | None = None):
+    def __init__(self, lease: float | None = None, grace: float | None = None,
+                 report_seconds: float | None = None):
         self.lease = setting("lease-seconds") if lease is None else lease
         self.grace = setting("lease-grace-seconds") if grace is None else grace
+        self.report_seconds = (setting("report-seconds") if report_seconds is None
+                               else report_seconds)
         self.endpoints: dict[str, EndpointBudget] = {}
         self.expired: dict[str, float] = {}  # holder -> when its room was handed out
 
     def report(self, holder: str, worker: str, endpoints: dict[str, dict],
                now: float) -> dict:
-        """Record one holder's report; returns its caps, epoch tags, poll flags and lease."""
-        grants = {}
+        """Record one holder's report; returns its caps, epoch tags, poll flags, lease, and how
+        often to report (less often than ``report_seconds`` once the holders together would
+        report more than ``MAX_REPORTS_PER_SECOND`` times a second)."""
+        grants, holders = {}, 0
         for name, report in endpoints.items():
             budget = self.endpoints.get(name)
             if budget is None:
@@ -209,7 +215,9 @@ class Coordinator:
                                                                report.get("auto", False))
             budget.limit_to(int(report["total"]))
             grants[name] = self._report_one(budget, holder, worker, report, now)
-        return {"endpoints": grants, "lease": self.lease}
+            holders = max(holders, len(budget.holdings))
+        return {"endpoints": grants, "lease": self.lease,
+                "report_seconds": max(self.report_seconds, holders / MAX_REPORTS_PER_SECOND)}
 
     def _report_one(self, budget: EndpointBudget, holder: str, worker: str, report: dict,
                     now: float) -> dict:
@@ -263,7 +271,8 @@ class LocalLink:
 
     def __init__(self):
         self.holder = "local"
-        self._coordinator = Coordinator(lease=math.inf, grace=0.0)
+        self._coordinator = Coordinator(lease=math.inf, grace=0.0,
+                                        report_seconds=self.report_seconds)
 
     def on_worker_loop(self) -> bool:
         return False

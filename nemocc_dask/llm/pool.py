@@ -184,9 +184,10 @@ class WorkerPool:
             self._dispatch()
             busy = any(r["demand"] or r["cap"] for r in reports.values())
             self._budget_wake.clear()
+            every = float(answer.get("report_seconds", link.report_seconds))
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._budget_wake.wait(), link.report_seconds if busy
-                                       else link.idle_report_seconds)
+                await asyncio.wait_for(self._budget_wake.wait(),
+                                       every if busy else max(every, link.idle_report_seconds))
 
     def _check_lease(self) -> None:
         """Say once when the lease has lapsed (the pool sends nothing until it is renewed)."""
