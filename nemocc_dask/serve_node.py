@@ -41,6 +41,11 @@ def meeting_folder(scheduler: str, spec: ServeSpec) -> Path:
     return Path(tempfile.gettempdir()) / f"nemocc-serve-{os.getuid()}" / key
 
 
+async def _off_loop(function, *args):
+    """Run a blocking ``function`` on a thread; the event loop goes on meanwhile."""
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
 def _live(users) -> list[str]:
     """The users (``PID-worker address``) whose process still runs."""
     return [u for u in users if alive(int(u.split("-")[0]))]
@@ -60,18 +65,32 @@ class NodeServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.state['port']}/v1"
 
-    @contextlib.contextmanager
-    def _locked(self):
-        """Hold the node's lock (the lock file as it is now: the last worker to leave removes
-        it, so one opened before that is dropped and opened again)."""
+    def _acquire(self):
+        """Take the node's lock (the lock file as it is now: the last worker to leave removes
+        it, so one opened before that is dropped and opened again); close the file to free it."""
         while True:
             self.folder.mkdir(parents=True, exist_ok=True)
             lock = open(self.folder / "lock", "a")
             fcntl.flock(lock, fcntl.LOCK_EX)
             with contextlib.suppress(FileNotFoundError):
                 if os.fstat(lock.fileno()).st_ino == os.stat(self.folder / "lock").st_ino:
-                    break
+                    return lock
             lock.close()
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the node's lock (blocking: for code off the event loop)."""
+        lock = self._acquire()
+        try:
+            yield
+        finally:
+            lock.close()
+
+    @contextlib.asynccontextmanager
+    async def _locked_async(self):
+        """Hold the node's lock, waiting for it on a thread so the worker's event loop runs on
+        (the body runs on the loop: a server started there dies with this thread's process)."""
+        lock = await asyncio.get_running_loop().run_in_executor(None, self._acquire)
         try:
             yield
         finally:
@@ -108,13 +127,13 @@ class NodeServer:
 
     async def join(self) -> None:
         """Start the node's server or use the one running; return once it answers."""
-        with self._locked():
+        async with self._locked_async():
             state = self._read()
             if state is not None:
                 state["users"] = _live(state["users"])
                 if not state["users"]:  # left over from an earlier run
                     if alive(state["pid"]):
-                        kill_group(state["pid"])
+                        await _off_loop(kill_group, state["pid"])
                     state = None
             if state is None or not alive(state["pid"]):
                 state = self._start(state, counted=False)
@@ -128,7 +147,7 @@ class NodeServer:
         time (the starter then marks it up for the other users)."""
         if self.process is not None and self.process.proc.pid == self.state["pid"]:
             await self.process.wait_healthy()
-            with self._locked():
+            async with self._locked_async():
                 state = self._read()
                 if state and state["generation"] == self.state["generation"]:
                     state["up"] = True
@@ -152,7 +171,8 @@ class NodeServer:
 
     async def supervise_once(self) -> None:
         """Restart the node's server if it is down and nobody has yet (at most max_restarts
-        times, not counting a restart after its starting worker left)."""
+        times, not counting a restart after its starting worker left). The worker's event loop
+        never waits here: the lock and the kill are waited for on a thread."""
         if self.process is not None:
             self.process.proc.poll()  # reap it if it exited
         state = self._read() or self.state
@@ -163,7 +183,7 @@ class NodeServer:
             self.health_failures = 0 if ok or self._starting(state) else self.health_failures + 1
             if self.health_failures < HEALTH_FAILURES_BEFORE_RESTART:
                 return
-        with self._locked():
+        async with self._locked_async():
             state = self._read() or self.state
             if state["generation"] != self.state["generation"]:
                 self.state = state  # another worker restarted it
@@ -175,7 +195,7 @@ class NodeServer:
                            "left with the worker that started it" if orphaned
                            else "is down or not answering")
             if alive(state["pid"]):
-                kill_group(state["pid"])
+                await _off_loop(kill_group, state["pid"])
             self.state = self._start(state, counted=not orphaned)
         self.health_failures = 0
         with contextlib.suppress(ServeError):

@@ -300,3 +300,51 @@ def test_a_node_server_outlives_the_worker_that_started_it_while_others_use_it(t
     assert len(pids) == 2 and _alive(pids[1])
     second.leave()
     assert not any(_alive(pid) for pid in pids) and not folder.exists()
+
+
+@pytest.mark.slow
+def test_node_server_supervision_never_blocks_the_workers_event_loop(tmp_path):
+    """While another worker holds the node's lock (here: 2 s) and the server must be restarted,
+    the supervising worker's event loop keeps running (its heartbeats, its budget reports)."""
+    import asyncio
+    import fcntl
+
+    from nemocc_dask.serve_node import NodeServer, meeting_folder
+
+    spec = ServeSpec(MOCK, startup_timeout=60, per="node")
+    folder = meeting_folder(f"tcp://test-{uuid.uuid4().hex}", spec)
+    worker = NodeServer(spec, "127.0.0.1", folder, tmp_path / "node.log", f"{os.getpid()}-a")
+
+    def hold_the_lock(seconds: float) -> None:
+        with open(folder / "lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            time.sleep(seconds)
+
+    async def scenario():
+        await worker.join()
+        pid = worker.status()["pids"][0]
+        os.kill(pid, signal.SIGKILL)
+        holder = threading.Thread(target=hold_the_lock, args=(2.0,))
+        holder.start()
+        await asyncio.sleep(0.2)  # the other worker has the lock now
+        gaps, last = [], time.monotonic()
+
+        async def ticker():
+            nonlocal last
+            while True:
+                await asyncio.sleep(0.05)
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+
+        ticking = asyncio.ensure_future(ticker())
+        await worker.supervise_once()
+        ticking.cancel()
+        holder.join()
+        return pid, max(gaps), worker.status()["pids"]
+
+    pid, longest_gap, pids = asyncio.run(scenario())
+    try:
+        assert pids[-1] != pid and _alive(pids[-1])  # restarted once the lock was free
+        assert longest_gap < 0.5, longest_gap  # the loop never waited on the lock or the kill
+    finally:
+        worker.leave()
