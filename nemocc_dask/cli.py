@@ -93,6 +93,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id-field", default="id")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-row sampling (diverse_qa)")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output")
+    p.add_argument("--wait-for-lock", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another run to release --output (a requeued job "
+                        "that starts while the old one drains) before refusing (default 0)")
     p.add_argument("--retry-failed", action="store_true",
                    help="resend requests that failed in an earlier run")
     p.add_argument("--rows-per-partition", type=int, default=io.DEFAULT_ROWS_PER_PARTITION)
@@ -206,7 +209,8 @@ def cmd_run(args) -> int:
                                 seed=args.seed, overwrite=args.overwrite,
                                 retry_failed=args.retry_failed,
                                 rows_per_partition=args.rows_per_partition,
-                                show_progress=not args.no_progress, gpu=args.gpu)
+                                show_progress=not args.no_progress, gpu=args.gpu,
+                                wait_for_lock=args.wait_for_lock)
     _print_reports({report["task"]: report}, args.output)
     return 0
 
@@ -223,7 +227,7 @@ def cmd_nemotron_cc(args) -> int:
             text_field=args.text_field, id_field=args.id_field, seed=args.seed,
             overwrite=args.overwrite, retry_failed=args.retry_failed,
             rows_per_partition=args.rows_per_partition, show_progress=not args.no_progress,
-            gpu=args.gpu)
+            gpu=args.gpu, wait_for_lock=args.wait_for_lock)
     _print_reports(reports, args.output)
     combined = combine(reports)
     print(json.dumps({"total": combined["total"]}, indent=1))

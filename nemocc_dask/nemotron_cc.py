@@ -59,7 +59,8 @@ def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict, *, tokenizer
                                low_tasks=LOW_QUALITY_TASKS,
                                overwrite: bool = False, retry_failed: bool = False,
                                rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
-                               show_progress: bool = True, gpu: bool = False) -> dict:
+                               show_progress: bool = True, gpu: bool = False,
+                               wait_for_lock: float = 0.0) -> dict:
     """Write ``output/<task>/`` for every task (same layout and resume as ``run_to_parquet``) and
     ``output/report.json`` (per task and total). Returns the per-task reports."""
     with start_checks():
@@ -69,7 +70,7 @@ def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict, *, tokenizer
     reports = run_jobs(data, jobs, tokenizer=tokenizer, id_field=id_field, seed=seed,
                        overwrite=overwrite, retry_failed=retry_failed,
                        rows_per_partition=rows_per_partition, show_progress=show_progress,
-                       gpu=gpu)
+                       gpu=gpu, wait_for_lock=wait_for_lock)
     io.atomic_write_bytes(as_path(output) / "report.json",
                           json.dumps(combine(reports), indent=1).encode())
     return reports

@@ -7,20 +7,25 @@ so a run refused for any reason leaves the folder exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Callable
 
 from nemocc_dask import io, storage
-from nemocc_dask.errors import StartError
+from nemocc_dask.errors import RunError, StartError
 
 logger = logging.getLogger(__name__)
 MANIFEST = "run.json"
 LOCK = ".nemocc.lock"
+GUARD = ".nemocc.lock.guard"  # flock'ed while a run reads and writes the lock
 SERVE_LOGS = "serve-logs"  # written by a served model (nemocc_dask.serve) from the run's start
 OWNED = ("parts", "rejects", "stats", "journal", MANIFEST, "report.json")
 HEARTBEAT_SECONDS = 10.0
@@ -59,8 +64,8 @@ def check_output(out_dir: Path, material: dict, overwrite: bool) -> str:
     for a folder with other files, another run's identity without ``overwrite``, or a live lock.
     """
     storage.refresh(out_dir)
-    entries = sorted(p.name for p in out_dir.iterdir() if p.name not in (LOCK, SERVE_LOGS)) \
-        if out_dir.exists() else []
+    entries = sorted(p.name for p in out_dir.iterdir()
+                     if p.name not in (LOCK, GUARD, SERVE_LOGS)) if out_dir.exists() else []
     if not entries:
         check_lock(out_dir)
         return "new"
@@ -97,10 +102,15 @@ def prepare_output(out_dir: Path, material: dict, mode: str) -> None:
 
 
 def _read_lock(path: Path) -> dict | None:
+    """The lock's contents; ``{}`` for a lock file that cannot be read as a lock (unknown
+    holder), None when there is none."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        lock = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError):
+        return {}
+    return lock if isinstance(lock, dict) else {}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -113,81 +123,150 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_started(pid: int) -> str | None:
+    """When process ``pid`` started (Linux clock ticks since boot), to tell a reused PID apart;
+    None where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _live_holder(lock: dict | None, path: Path) -> dict | None:
-    """The lock's contents if a live run holds it (recent heartbeat and, on this host, a live
-    process), else None (no lock, or a stale one that may be taken over)."""
+    """The lock's contents if a live run holds it, else None (no lock, or a stale one that may
+    be taken over). On this host the holder's process decides: alive (the same process, not a
+    reused PID) is live, whatever its heartbeat. On another host: a heartbeat within
+    ``STALE_AFTER_SECONDS``. A lock file that cannot be read is live until it is that old."""
     if lock is None:
         return None
-    age = time.time() - max(float(lock.get("heartbeat", 0)), path.stat().st_mtime
-                            if path.exists() else 0)
-    if age > STALE_AFTER_SECONDS:
-        return None
-    if lock.get("host") == socket.gethostname() and not _pid_alive(int(lock.get("pid", 0))):
-        return None
-    return lock
+    if lock.get("host") == socket.gethostname() and "pid" in lock:
+        pid = int(lock["pid"])
+        started = lock.get("started")
+        if not _pid_alive(pid) or (started is not None and _process_started(pid) != started):
+            return None
+        return lock
+    with contextlib.suppress(OSError):
+        beat = max(float(lock.get("heartbeat", 0)), path.stat().st_mtime)
+        if time.time() - beat <= STALE_AFTER_SECONDS:
+            return lock
+    return None
+
+
+def _held_by_another(out_dir: Path) -> dict | None:
+    holder = _live_holder(_read_lock(out_dir / LOCK), out_dir / LOCK)
+    if holder is not None and not (holder.get("host") == socket.gethostname()
+                                   and holder.get("pid") == os.getpid()):
+        return holder
+    return None
+
+
+def _describe(out_dir: Path, holder: dict) -> str:
+    if not holder:
+        return (f"output folder {str(out_dir)!r} has a lock file ({LOCK}) that is not a lock "
+                f"(written by a run interrupted while writing it?); it is taken over once it is "
+                f"{STALE_AFTER_SECONDS:.0f} s old, or delete it if no run uses the folder")
+    age = time.time() - float(holder.get("heartbeat", 0))
+    return (f"output folder {str(out_dir)!r} is being written by another run (host "
+            f"{holder.get('host')}, pid {holder.get('pid')}, heartbeat {age:.0f} s ago); wait "
+            "for it to end or stop it (--wait-for-lock SECONDS waits for it). A lock is taken "
+            "over when its process has died (same host) or after "
+            f"{STALE_AFTER_SECONDS:.0f} s without a heartbeat (another host)")
 
 
 def check_lock(out_dir: Path) -> None:
     """Raise OutputError if another live run holds ``out_dir``'s lock."""
-    path = out_dir / LOCK
-    holder = _live_holder(_read_lock(path), path)
-    if holder is not None and not (holder.get("host") == socket.gethostname()
-                                   and int(holder.get("pid", 0)) == os.getpid()):
-        age = time.time() - float(holder.get("heartbeat", 0))
-        raise OutputError(
-            f"output folder {str(out_dir)!r} is being written by another run (host "
-            f"{holder.get('host')}, pid {holder.get('pid')}, heartbeat {age:.0f} s ago); wait "
-            f"for it to end or stop it. A lock without a heartbeat for {STALE_AFTER_SECONDS:.0f} "
-            "s is taken over")
+    holder = _held_by_another(out_dir)
+    if holder is not None:
+        raise OutputError(_describe(out_dir, holder))
+
+
+def wait_for_lock(out_dir: Path, seconds: float) -> None:
+    """Wait up to ``seconds`` for another run to release ``out_dir`` (a requeued job that starts
+    while the old one drains), then check as ``check_lock``."""
+    deadline = time.monotonic() + seconds
+    while _held_by_another(out_dir) is not None and time.monotonic() < deadline:
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+    check_lock(out_dir)
+
+
+class LockLost(RunError):
+    """Another run took this run's output folder while it was running."""
 
 
 class OutputLock:
-    """A lock file (host, pid, heartbeat) that keeps a second run out of an output folder.
+    """A lock file (host, pid, process start, heartbeat, a token of its own) that keeps a second
+    run out of an output folder.
 
-    Taken after every check has passed; refreshed every ``HEARTBEAT_SECONDS`` by a thread; taken
-    over when its holder is gone (dead pid on this host, or no heartbeat for
-    ``STALE_AFTER_SECONDS``); removed when the run ends."""
+    Taken after every check has passed. On a local or shared file system every read-decide-write
+    of the lock happens under ``flock`` on a guard file next to it, and the lock is written whole
+    (temporary file and rename), so two runs starting at the same instant cannot both win; on an
+    object store it is advisory. Refreshed every ``HEARTBEAT_SECONDS`` by a thread, which first
+    checks that the lock is still this run's: if another run has taken it, ``on_lost(message)``
+    is called (the runner stops sending at once) and the heartbeat stops. Removed when the run
+    ends (only if still ours)."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, on_lost: Callable[[str], None] | None = None):
+        self.out_dir = out_dir
         self.path = out_dir / LOCK
+        self.token = uuid.uuid4().hex
+        self.lost: str | None = None
+        self._on_lost = on_lost
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="nemocc-lock", daemon=True)
 
     def _contents(self) -> bytes:
         return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                           "started": _process_started(os.getpid()), "token": self.token,
                            "heartbeat": time.time()}).encode()
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """Serialise lock decisions between processes (flock; nothing on an object store)."""
+        if storage.is_remote(self.path):
+            yield
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / GUARD, "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            yield
+
+    def _mine(self) -> bool:
+        return (_read_lock(self.path) or {}).get("token") == self.token
+
+    def __enter__(self) -> "OutputLock":
+        with self._guard():
+            check_lock(self.out_dir)  # raises if a live run holds it
+            io.atomic_write_bytes(self.path, self._contents())  # take it (over a stale one)
+        if not self._mine():  # an object store: another run wrote at the same moment
+            raise OutputError(_describe(self.out_dir, _read_lock(self.path) or {}))
+        self._thread.start()
+        return self
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
-                io.atomic_write_bytes(self.path, self._contents())
+                with self._guard():
+                    if not self._mine():
+                        self._lose()
+                        return
+                    io.atomic_write_bytes(self.path, self._contents())
             except OSError as exc:  # the next beat tries again; the lock goes stale if none can
                 logger.warning("cannot refresh the lock %s: %s", self.path, exc)
 
-    def __enter__(self) -> "OutputLock":
-        if not self._created_exclusively():
-            check_lock(self.path.parent)  # raises if a live run holds it
-            io.atomic_write_bytes(self.path, self._contents())  # take it (over a stale one)
-        self._thread.start()
-        return self
-
-    def _created_exclusively(self) -> bool:
-        """Create the lock file if none exists (locally, atomically); False when one exists or
-        the store has no exclusive create (object stores: the lock is advisory there)."""
-        if storage.is_remote(self.path):
-            return False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(self._contents())
-        return True
+    def _lose(self) -> None:
+        holder = _read_lock(self.path)
+        self.lost = (f"another run (host {(holder or {}).get('host')}, pid "
+                     f"{(holder or {}).get('pid')}) has taken the lock of output folder "
+                     f"{str(self.out_dir)!r}; this run stopped sending at once and leaves the "
+                     "folder to it (the answers received are journaled)")
+        logger.error("%s", self.lost)
+        if self._on_lost is not None:
+            self._on_lost(self.lost)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        lock = _read_lock(self.path)
-        if lock and lock.get("pid") == os.getpid() and lock.get("host") == socket.gethostname():
-            self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError), self._guard():
+            if self._mine():
+                self.path.unlink(missing_ok=True)

@@ -21,14 +21,14 @@ from typing import Any
 
 import dask
 
-from nemocc_dask import io
+from nemocc_dask import io, output_folder
 from nemocc_dask.errors import ConfigError, Preempted, RunError, StartError
 from nemocc_dask.gpu import to_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.generate import prompt_limit
 from nemocc_dask.llm.preflight import preflight
 from nemocc_dask.llm.telemetry import describe_endpoints, merge_series
-from nemocc_dask.output_folder import (MANIFEST, SERVE_LOGS, OutputError, OutputLock,
+from nemocc_dask.output_folder import (MANIFEST, SERVE_LOGS, LockLost, OutputError, OutputLock,
                                        check_output, prepare_output)
 from nemocc_dask.partition_job import (PartitionPlan, finished_stats, journal_path,
                                        process_partition)
@@ -335,6 +335,20 @@ def _drain(client, futures, progress: Progress, where: dict) -> None:
     client.cancel(futures)
 
 
+def _drain_everywhere(reason: str) -> None:
+    """Stop every pool of the run from sending (the workers' and this process's)."""
+    from nemocc_dask.llm.pool import drain_pools
+
+    drain_pools(reason)
+    client = _distributed_client()
+    if client is not None:
+        try:
+            client.run(drain_pools, reason)
+        except Exception as exc:
+            logger.warning("could not drain the workers' pools: %s: %s", type(exc).__name__,
+                           exc)
+
+
 def _preempted(progress: Progress) -> Preempted:
     return Preempted(f"{progress.done} of {progress.total} partitions finished; the answers in "
                      "flight were journaled. Rerun the same command (or requeue the job) to "
@@ -470,7 +484,8 @@ def _serve(jobs: list[Job], stack: contextlib.ExitStack):
 def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: str = "id",
              seed: int = 0, overwrite: bool = False, retry_failed: bool = False,
              rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
-             show_progress: bool = True, gpu: bool = False) -> dict[str, dict]:
+             show_progress: bool = True, gpu: bool = False,
+             wait_for_lock: float = 0.0) -> dict[str, dict]:
     """Run several tasks over one input read once; returns each job's report by task name.
 
     Everything that can be checked is checked before the first request and before any output
@@ -478,7 +493,9 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
     identity, locks), endpoints, duplicate ids. A refused run (StartError) leaves every output
     folder as it was. Finished partitions are skipped; with ``retry_failed`` those with failed
     requests are redone, resending only the failed requests. Raises RunError when a partition
-    fails (e.g. the failure budget stopped an endpoint) or the counts do not add up.
+    fails (e.g. the failure budget stopped an endpoint) or the counts do not add up, LockLost
+    when another run takes an output folder meanwhile (this run stops sending at once).
+    ``wait_for_lock``: seconds to wait for another run to release an output folder.
     """
     with contextlib.ExitStack() as servers:
         started = time.time()
@@ -491,6 +508,8 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                 if job.route is not None:
                     needed["quality"] = job.route.field
                 require_columns(ddf.columns, needed)
+            for job in jobs:  # before any server starts: is the folder free?
+                output_folder.wait_for_lock(job.out_dir, wait_for_lock)
             jobs, served_status = _serve(jobs, servers)
             jobs = [_with_served_context(job, preflight(job.llm)) for job in jobs]
             tokenizers = _tokenizers(jobs, tokenizer)
@@ -508,9 +527,15 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                         "output %s", job.preset.name, n_parts, ", ".join(job.llm.endpoints),
                         job.llm.model,
                         tokenizer_name(tokenizers[job.preset.name]), job.out_dir)
+        lost: list[str] = []
+
+        def stop_sending(message: str) -> None:
+            lost.append(message)
+            _drain_everywhere(message)
+
         with contextlib.ExitStack() as locks:
             for job in jobs:
-                locks.enter_context(OutputLock(job.out_dir))
+                locks.enter_context(OutputLock(job.out_dir, on_lost=stop_sending))
                 prepare_output(job.out_dir, materials[job.preset.name], modes[job.preset.name])
             _register_pool_plugin()
             parts = ddf.to_delayed()
@@ -524,7 +549,14 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                             sum(redone.values()))
             with Progress([j.out_dir for j in jobs], len(tasks), show_progress,
                           _endpoint_statuses) as progress:
-                _compute(tasks, out_dirs, progress)
+                try:
+                    _compute(tasks, out_dirs, progress)
+                except (Preempted, RunError):
+                    if lost:
+                        raise LockLost(lost[0]) from None
+                    raise
+            if lost:
+                raise LockLost(lost[0])
             series = _endpoint_series(started)
             served = served_status() if served_status else None
             return {job.preset.name: _write_report(job, tokenizers[job.preset.name], n_parts,
@@ -565,7 +597,8 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, *,
                    id_field: str = "id", seed: int = 0,
                    overwrite: bool = False, retry_failed: bool = False,
                    rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
-                   show_progress: bool = True, gpu: bool = False, **overrides) -> dict:
+                   show_progress: bool = True, gpu: bool = False,
+                   wait_for_lock: float = 0.0, **overrides) -> dict:
     """Run one task over ``data`` (paths or a Dask DataFrame) into ``output``, resumably.
 
     Layout: ``parts/`` (kept rows, one parquet file per input partition), ``rejects/`` (removed
@@ -573,6 +606,8 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, *,
     Rerunning the same call resumes; ``retry_failed=True`` also resends the requests that failed
     in finished partitions and rewrites those partitions. Returns the report. ``gpu=True`` runs
     the stages on cuDF partitions (GPUError at once where there is no usable GPU).
+    ``wait_for_lock``: seconds to wait while another run holds ``output`` (a requeued job that
+    starts while the old one drains) before refusing.
     """
     with start_checks():
         preset = resolve_task(task, text_field, **overrides)
@@ -580,4 +615,4 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, *,
     return run_jobs(data, [job], tokenizer=tokenizer, id_field=id_field, seed=seed,
                     overwrite=overwrite, retry_failed=retry_failed,
                     rows_per_partition=rows_per_partition, show_progress=show_progress,
-                    gpu=gpu)[preset.name]
+                    gpu=gpu, wait_for_lock=wait_for_lock)[preset.name]

@@ -69,6 +69,9 @@ class ServePlugin(WorkerPlugin):
         self._supervisor: asyncio.Task | None = None
 
     async def setup(self, worker) -> None:
+        from nemocc_dask.llm.pool import use_served_urls
+
+        use_served_urls(local_urls)
         host = worker.address.split("://", 1)[-1].rsplit(":", 1)[0]
         logs = Path(self.spec.log_dir or os.path.join(os.getcwd(), SERVE_LOGS))
         try:

@@ -53,3 +53,77 @@ def test_live_lock_refuses_a_second_run_and_a_dead_one_is_taken_over(tmp_path):
         held = json.loads((out / LOCK).read_text())
         assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
     assert not (out / LOCK).exists()
+
+
+def _try_the_lock(out, start_at, results):
+    """In a child process: wait for the common instant, try the lock, hold it a moment."""
+    while time.time() < start_at:
+        pass
+    try:
+        with OutputLock(out):
+            results.put(os.getpid())
+            time.sleep(0.5)
+    except OutputError:
+        results.put(None)
+
+
+def test_runs_starting_at_the_same_instant_never_both_take_the_lock(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for trial in range(5):
+        out = tmp_path / f"out{trial}"
+        results = context.Queue()
+        start_at = time.time() + 0.5
+        procs = [context.Process(target=_try_the_lock, args=(out, start_at, results))
+                 for _ in range(8)]
+        for proc in procs:
+            proc.start()
+        winners = [results.get(timeout=30) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=30)
+        assert sum(w is not None for w in winners) == 1, (trial, winners)
+        assert not (out / LOCK).exists()
+
+
+def test_a_live_process_on_this_host_is_never_taken_over_however_old_its_heartbeat(tmp_path):
+    import subprocess
+
+    from nemocc_dask.output_folder import _process_started
+
+    out = tmp_path / "out"
+    out.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        paused = {"host": socket.gethostname(), "pid": sleeper.pid,
+                  "started": _process_started(sleeper.pid), "heartbeat": time.time() - 3600}
+        (out / LOCK).write_text(json.dumps(paused))  # a driver paused for an hour
+        os.utime(out / LOCK, (time.time() - 3600, time.time() - 3600))
+        with pytest.raises(OutputError, match=f"pid {sleeper.pid}"):
+            OutputLock(out).__enter__()
+        # the same PID number, but another process (a reused PID): the lock is stale
+        (out / LOCK).write_text(json.dumps(dict(paused, started="1")))
+        with OutputLock(out):
+            assert json.loads((out / LOCK).read_text())["pid"] == os.getpid()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_run_whose_lock_was_taken_stops_and_never_rewrites_it(tmp_path, monkeypatch):
+    from nemocc_dask import output_folder
+
+    monkeypatch.setattr(output_folder, "HEARTBEAT_SECONDS", 0.1)
+    out = tmp_path / "out"
+    lost = []
+    lock = OutputLock(out, on_lost=lost.append)
+    with lock:
+        other = {"host": "othernode", "pid": 7, "token": "theirs", "heartbeat": time.time()}
+        (out / LOCK).write_text(json.dumps(other))  # another run took it (e.g. by hand)
+        deadline = time.time() + 5
+        while not lost and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # more beats would have rewritten it by now
+        assert json.loads((out / LOCK).read_text())["token"] == "theirs"
+    assert lost and "host othernode, pid 7" in lost[0] and "stopped sending" in lost[0]
+    assert json.loads((out / LOCK).read_text())["token"] == "theirs"  # not removed either

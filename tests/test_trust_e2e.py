@@ -240,11 +240,41 @@ def test_second_run_on_a_locked_folder_is_refused(tmp_path, docs_parquet):
         while time.time() < deadline and not (out / ".nemocc.lock").exists():
             time.sleep(0.1)
         second = subprocess.run(cli(*base), capture_output=True, text=True, timeout=300)
+        # a requeued job that starts while the old one still runs: it waits, then resumes
+        third = subprocess.run(cli(*base, "--wait-for-lock", "300"), capture_output=True,
+                               text=True, timeout=400)
         first.communicate(timeout=300)
     assert second.returncode == 2
     assert f"pid {first.pid}" in second.stderr and "being written by another run" in second.stderr
-    assert first.returncode == 0
+    assert first.returncode == 0 and third.returncode == 0, third.stderr
+    assert server.stats.requests == 60  # the waiting run paid for nothing twice
     assert not (out / ".nemocc.lock").exists()
+
+
+def test_a_run_whose_folder_is_taken_meanwhile_stops_sending_and_says_so(tmp_path, docs_parquet):
+    """Another host's run took the folder (it judged this run's lock stale, e.g. across a
+    network partition): this run sees it at its next heartbeat, stops sending at once, and
+    exits 1 saying who took it."""
+    out = tmp_path / "out"
+    with MockLLMServer(latency=1.0) as server:
+        run = subprocess.Popen(cli("run", "--task", "knowledge_list", "--input", str(docs_parquet),
+                                   "--output", str(out), "--base-url", server.base_url,
+                                   "--model", "mock", "--workers", "1", "--max-in-flight", "2",
+                                   "--no-progress"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and server.stats.completed < 4:
+            time.sleep(0.1)
+        (out / ".nemocc.lock").write_text(json.dumps(
+            {"host": "othernode", "pid": 4242, "token": "theirs", "heartbeat": time.time()}))
+        _, err = run.communicate(timeout=120)
+        sent = server.stats.requests
+        time.sleep(2)
+        assert server.stats.requests == sent  # nothing more after it stopped
+    assert run.returncode == 1, err
+    assert "host othernode, pid 4242" in err and "stopped sending" in err
+    assert sent < 60  # it did not run to the end
+    assert json.loads((out / ".nemocc.lock").read_text())["token"] == "theirs"
 
 
 def test_stale_lock_and_temp_files_of_a_dead_run_are_cleaned(tmp_path, docs_parquet,

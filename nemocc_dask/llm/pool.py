@@ -608,15 +608,23 @@ def _new_pool_here(llm: LLMConfig, worker) -> WorkerPool:
     return new_pool(llm, llm.in_flight_total, BudgetLink(worker))
 
 
+_served_urls: Callable[[], list[str]] | None = None  # the servers next to this worker, if any
+
+
+def use_served_urls(provider: Callable[[], list[str]]) -> None:
+    """Send a served model's requests to ``provider()``'s URLs (set by the serving layer on a
+    worker that runs servers; ``llm`` does not import that layer)."""
+    global _served_urls
+    _served_urls = provider
+
+
 def get_pool(llm: LLMConfig) -> WorkerPool:
     """This process's pool for ``llm`` (created on first use; a closed or broken pool is
     replaced, the broken one closed once its requests on the wire are answered; while the
     worker drains, the drained pool is kept so that nothing more is sent). With a served model,
     a worker that runs servers sends to those only."""
-    if llm.serve is not None:
-        from nemocc_dask.serve import local_urls
-
-        mine = local_urls()
+    if llm.serve is not None and _served_urls is not None:
+        mine = _served_urls()
         if mine:
             llm = dataclasses.replace(llm, base_url=tuple(mine))
     key = llm.pool_key()
