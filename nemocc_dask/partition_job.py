@@ -137,6 +137,7 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
         "rows_rejected": dict(Counter(to_host_list(rejects[REJECT_REASON]))),
         "requests": gen_stats["requests"], "attempts": gen_stats["attempts"],
         "retries": gen_stats["retries"], "reused_answers": gen_stats["reused_answers"],
+        "journal_lines_skipped": gen_stats["journal_lines_skipped"],
         "duplicate_prompts": gen_stats["duplicate_prompts"],
         "failed_requests": gen_stats["failed_requests"], "recovered": gen_stats["recovered"],
         "failed_by_class": dict(gen_stats["failed_by_class"]),

@@ -13,7 +13,7 @@ from collections import Counter
 _SUMMED = ("input_rows", "documents_in", "documents_written", "documents_invalid_quality",
            "documents_other_route", "segments", "rows_written", "requests", "attempts", "retries",
            "reused_answers", "duplicate_prompts", "failed_requests", "recovered", "prompt_tokens",
-           "completion_tokens")
+           "completion_tokens", "journal_lines_skipped")
 _COUNTERS = ("documents_not_written", "rows_rejected", "failed_by_class", "retries_by_class")
 
 

@@ -1,28 +1,46 @@
-"""The answer journal: a torn last line is ignored and does not swallow the next record; the
-later record of a key wins (a retried failure replaced by its answer)."""
+"""The answer journal survives damage: a line torn inside a multi-byte character (as ENOSPC tears
+them), invalid bytes, ``null``, a list, a record with a non-string key or no answer. Each is
+skipped and counted, its request is sent again, and the rest is reused; never fatal."""
 
-import json
+from __future__ import annotations
 
-from nemocc_dask.llm.generate import Journal
+import pytest
 
+from nemocc_dask import LLMConfig
+from nemocc_dask.llm.generate import generate_partition
+from nemocc_dask.llm.mock import MockLLMServer
+from nemocc_dask.presets import PRESETS
 
-def test_torn_line_is_ignored_and_the_next_record_starts_on_its_own_line(tmp_path):
-    path = tmp_path / "part-00000.jsonl"
-    path.write_text(json.dumps({"key": "a", "text": "A"}) + "\n" + '{"key": "b", "te')
-    journal = Journal(path)
-    assert set(journal.load()) == {"a"}
-    with journal.open() as sink:
-        sink.write(json.dumps({"key": "c", "text": "C"}) + "\n")
-    assert {k: r["text"] for k, r in journal.load().items()} == {"a": "A", "c": "C"}
+from conftest import make_docs
 
-
-def test_later_record_of_a_key_wins(tmp_path):
-    journal = Journal(tmp_path / "j.jsonl")
-    with journal.open() as sink:
-        sink.write(json.dumps({"key": "a", "text": None, "error": "http_500: down"}) + "\n")
-        sink.write(json.dumps({"key": "a", "text": "answer", "error": None}) + "\n")
-    assert journal.load()["a"]["text"] == "answer" and journal.load()["a"]["error"] is None
+DAMAGE = [b'{"key": "\xc3', b"\xff\xfe not utf-8 at all", b"null", b"[1, 2]",
+          b'{"key": 5, "text": "x", "error": null}', b'{"key": "k", "text": 3}']
 
 
-def test_missing_journal_loads_empty(tmp_path):
-    assert Journal(tmp_path / "none.jsonl").load() == {}
+def test_a_damaged_journal_costs_only_its_damaged_lines(tmp_path):
+    docs = make_docs(12, paragraphs=1)
+    journal = tmp_path / "part-00000.jsonl"
+    with MockLLMServer(latency=0.001) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock")
+        first, _ = generate_partition(docs, PRESETS["distill"], llm, journal_path=str(journal),
+                                      return_stats=True)
+        lines = journal.read_bytes().splitlines()
+        assert len(lines) == 12
+        # two answers lost to damage (one torn inside a UTF-8 character), junk lines between
+        damaged = [lines[0][:-3] + "é".encode()[:1], *DAMAGE, *lines[2:]]
+        journal.write_bytes(b"\n".join(damaged) + b"\n")
+        before = server.stats.requests
+        again, stats = generate_partition(docs, PRESETS["distill"], llm,
+                                          journal_path=str(journal), return_stats=True)
+    assert server.stats.requests - before == 2  # the two damaged answers, sent again
+    assert stats["reused_answers"] == 10 and stats["journal_lines_skipped"] == 1 + len(DAMAGE)
+    assert list(again["distill"]) == list(first["distill"])  # nothing else changed
+
+
+def test_an_unreadable_journal_names_itself(tmp_path):
+    journal = tmp_path / "part-00000.jsonl"
+    journal.mkdir()  # not a file: reading it fails
+    with MockLLMServer() as server, pytest.raises(OSError, match=str(journal)):
+        generate_partition(make_docs(2), PRESETS["distill"],
+                           LLMConfig(base_url=server.base_url, model="mock"),
+                           journal_path=str(journal))

@@ -8,6 +8,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from typing import Iterator
@@ -19,6 +20,8 @@ from nemocc_dask.llm.preflight import preflight_once
 from nemocc_dask.presets import TaskPreset
 from nemocc_dask.stages.backend import series_like, to_host_list
 from nemocc_dask.tokenizer import count_tokens_list, load_tokenizer, prompt_overhead_tokens
+
+logger = logging.getLogger(__name__)
 
 
 def result_columns(preset: TaskPreset) -> dict[str, str]:
@@ -53,24 +56,36 @@ class Journal:
         storage.refresh(self.chunks)
         return sorted(self.chunks.glob("*.jsonl")) if self.chunks.exists() else []
 
-    def _lines(self) -> Iterator[str]:
+    def _lines(self) -> Iterator[bytes]:
+        """The journal's lines as bytes (decoding is per line, so one bad byte spoils one)."""
         if storage.is_remote(self.path):
             for chunk in self._chunk_files():
-                yield from chunk.read_text(encoding="utf-8").splitlines()
+                yield from chunk.read_bytes().splitlines()
             return
         if self.path.exists():
-            with open(self.path, encoding="utf-8") as fh:
+            with open(self.path, "rb") as fh:
                 yield from fh
 
     def load(self) -> dict[str, dict]:
-        """Records by key; a torn last line (from a killed process) is ignored."""
+        """Records by key. A line that cannot be used (torn by a killed process or a full disk,
+        invalid UTF-8, not a JSON object with a string key) is skipped and counted in
+        ``skipped`` (its request is sent again), never fatal; a journal that cannot be read at
+        all raises an OSError naming it."""
         records: dict[str, dict] = {}
-        for line in self._lines():
-            try:
-                record = json.loads(line)
+        self.skipped = 0
+        try:
+            for line in self._lines():
+                record = _journal_record(line)
+                if record is None:
+                    self.skipped += line.strip() != b""
+                    continue
                 records[record["key"]] = record
-            except (ValueError, KeyError):
-                continue
+        except OSError as exc:
+            raise OSError(f"cannot read the journal {self.path}: {exc}") from exc
+        if self.skipped:
+            logger.warning("journal %s: %d unreadable line(s) skipped (a write torn by a crash "
+                           "or a full disk?); their requests are sent again", self.path,
+                           self.skipped)
         return records
 
     def open(self):
@@ -125,6 +140,21 @@ class _ChunkSink:
         self.flush(force=True)
 
 
+def _journal_record(line: bytes) -> dict | None:
+    """One journal line as a record, or None when it is not one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+        return None
+    text, error = record.get("text"), record.get("error")
+    if not isinstance(text, (str, type(None))) or not isinstance(error, (str, type(None))) \
+            or (text is None and error is None):
+        return None
+    return record
+
+
 def _record(result: Result) -> dict:
     """The journal record of one result; an answer without content becomes ``empty_response``."""
     c = result.completion
@@ -144,6 +174,7 @@ def _record(result: Result) -> dict:
 
 def new_stats() -> dict:
     return {"requests": 0, "attempts": 0, "retries": 0, "reused_answers": 0, "duplicate_prompts": 0,
+            "journal_lines_skipped": 0,
             "failed_requests": 0, "recovered": 0, "failed_by_class": collections.Counter(),
             "retries_by_class": collections.Counter(), "endpoints": {}}
 
@@ -190,6 +221,7 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
     pending: dict[str, Request] = {}
     journal = Journal(journal_path) if journal_path else None
     known = journal.load() if journal else {}
+    stats["journal_lines_skipped"] = journal.skipped if journal else 0
     for text, n_tokens in zip(texts, lengths):
         if not isinstance(text, str) or not text:
             row_keys.append("invalid_text: the input text is missing or empty")
