@@ -281,28 +281,71 @@ def _mtime(path) -> int:
 
 
 def check_ids(ddf, id_field: str) -> int:
-    """Raise InputError if ids repeat within a partition (reads the id column only); returns the
-    number of input rows."""
+    """Raise InputError if an id is missing or repeats anywhere in the input (reads the id column
+    only: per partition its row and null counts and a 64-bit hash per id, then the hashes that
+    repeat, then the ids behind them, so a hash collision is never taken for a duplicate);
+    returns the number of input rows."""
     import dask
 
-    def summary(part):
-        ids = pd.Series(to_host_list(part[id_field]), dtype="object")
-        repeated = ids[ids.duplicated()]
-        return pd.DataFrame({"rows": [len(ids)], "dupes": [len(repeated)],
-                             "example": [str(repeated.iloc[0]) if len(repeated) else ""]})
+    def host_ids(part) -> pd.Series:
+        return pd.Series(to_host_list(part[id_field]), dtype="object")
 
-    parts = ddf[[id_field]].map_partitions(
-        summary, meta=pd.DataFrame({"rows": pd.Series([], dtype="int64"),
-                                    "dupes": pd.Series([], dtype="int64"),
-                                    "example": pd.Series([], dtype="object")}))
-    table = dask.compute(parts)[0].reset_index(drop=True)
-    bad = table[table["dupes"] > 0]
-    if len(bad):
-        row = bad.iloc[0]
-        raise InputError(f"id column {id_field!r} has {int(bad['dupes'].sum())} duplicate id(s) "
-                         f"within partition(s) {list(bad.index)[:10]} (e.g. {row['example']!r}); "
-                         "ids must be unique per document. Pass another --id-field or deduplicate")
+    def summary(part):
+        ids = host_ids(part)
+        missing = ids.isna()
+        return pd.DataFrame({"rows": [len(ids)], "nulls": [int(missing.sum())],
+                             "first_null": [int(missing.values.argmax()) if missing.any()
+                                            else -1]})
+
+    def hashes(part):
+        return pd.DataFrame({"h": _id_hashes(host_ids(part))})
+
+    columns = ddf[[id_field]]
+    table, counts = dask.compute(
+        columns.map_partitions(summary, meta={"rows": "int64", "nulls": "int64",
+                                              "first_null": "int64"}),
+        columns.map_partitions(hashes, meta={"h": "uint64"})["h"].value_counts(
+            split_out=max(1, columns.npartitions // 64)))
+    table = table.reset_index(drop=True)
+    nulls = table[table["nulls"] > 0]
+    if len(nulls):
+        raise InputError(f"id column {id_field!r} has {int(nulls['nulls'].sum())} missing "
+                         f"(null) id(s), e.g. row {int(nulls['first_null'].iloc[0])} of "
+                         f"partition {int(nulls.index[0])}; every document needs an id. Fill "
+                         "them in or pass another --id-field")
+    repeated = set(counts[counts > 1].index)
+    if repeated:
+        _raise_duplicates(columns, id_field, repeated, host_ids)
     return int(table["rows"].sum())
+
+
+def _id_hashes(ids: pd.Series):
+    """A 64-bit hash of each id, by its type and value (1 and "1" are different ids)."""
+    return pd.util.hash_pandas_object(ids.map(lambda v: f"{type(v).__name__}:{v}"),
+                                      index=False).values
+
+
+def _raise_duplicates(columns, id_field: str, repeated: set, host_ids) -> None:
+    """InputError naming ids that really repeat (among those whose hash does), with where."""
+    import dask
+
+    def suspects(part, partition_info=None):
+        ids = host_ids(part)
+        hit = pd.Series(_id_hashes(ids)).isin(repeated).values
+        return pd.DataFrame({"id": ids[hit].map(repr).values,
+                             "partition": (partition_info or {}).get("number", -1)})
+
+    found = dask.compute(columns.map_partitions(suspects, meta={"id": "object",
+                                                                "partition": "int64"}))[0]
+    dupes = found[found["id"].duplicated(keep=False)]
+    if not len(dupes):
+        return  # a hash collision, not a duplicate
+    examples = dupes.groupby("id")["partition"].apply(lambda p: sorted(set(p)))
+    shown = "; ".join(f"{ident} in partition(s) {parts[:5]}"
+                      for ident, parts in list(examples.items())[:3])
+    raise InputError(f"id column {id_field!r} has {len(examples)} duplicate id(s), each used by "
+                     f"more than one document ({shown}); ids must be unique across the input. "
+                     "Deduplicate the input or pass another --id-field")
 
 
 TMP_SUFFIX = ".nemocc-tmp"

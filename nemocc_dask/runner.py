@@ -215,6 +215,28 @@ def _endpoint_series(since: float) -> dict[str, list[dict]]:
     return {name: merge_series(buckets) for name, buckets in pools.items()}
 
 
+def _refuse_output_inside_input(data, jobs: list[Job]) -> None:
+    """OutputError when an output folder lies inside an input folder: its parts would be read as
+    input by the next run (resume would be impossible)."""
+    if not isinstance(data, (str, Path, list, tuple)):
+        return
+    for item in ([data] if isinstance(data, (str, Path)) else data):
+        text = str(item)
+        root = text[:min((text.index(c) for c in "*?[" if c in text), default=len(text))]
+        if is_remote(as_path(root)) or not root:
+            continue
+        folder = Path(root) if text == root else Path(root).parent
+        if not folder.is_dir():
+            continue
+        for job in jobs:
+            if not is_remote(job.out_dir) and \
+                    Path(job.out_dir).resolve().is_relative_to(folder.resolve()):
+                raise OutputError(
+                    f"output folder {str(job.out_dir)!r} is inside the input folder "
+                    f"{str(folder)!r}: its parts would be read as input by the next run (and "
+                    "resume would be impossible); choose an output folder outside the input")
+
+
 def _load_input(data, rows_per_partition: int, id_field: str):
     """(frame, id-only frame, run identity of the input, number of partitions)."""
     if isinstance(data, (str, Path, list, tuple)):
@@ -500,6 +522,7 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
     with contextlib.ExitStack() as servers:
         started = time.time()
         with start_checks():
+            _refuse_output_inside_input(data, jobs)
             ddf, ids, inputs, n_parts = _load_input(data, rows_per_partition, id_field)
             if gpu:
                 ddf = to_gpu(ddf)

@@ -294,3 +294,42 @@ def test_stale_lock_and_temp_files_of_a_dead_run_are_cleaned(tmp_path, docs_parq
         report = run_to_parquet(docs_parquet, out, "distill", llm, show_progress=False)
     assert report["partitions_skipped"] == report["partitions"]
     assert not stale.exists() and not (out / ".nemocc.lock").exists()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("repeat", "duplicate id(s), each used by more than one document (3 in partition(s) [0, 2])"),
+    ("null", "1 missing (null) id(s), e.g. row 2 of partition 1"),
+])
+def test_ids_are_checked_across_the_whole_input(tmp_path, damage, expected):
+    """An id used again in another partition, or a missing id: exit 2 before any request, with
+    where to look (the old check only looked inside each partition)."""
+    docs = make_docs(30, paragraphs=1)
+    if damage == "repeat":
+        docs.loc[25, "id"] = 3  # partition 2 (rows 20-29) repeats an id of partition 0
+    else:
+        docs["id"] = docs["id"].astype("Int64")
+        docs.loc[12, "id"] = None
+    path = tmp_path / "docs.parquet"
+    docs.to_parquet(path, index=False, row_group_size=10)
+    out = tmp_path / "out"
+    with MockLLMServer() as server:
+        proc = subprocess.run(cli("run", "--task", "distill", "--input", str(path), "--output",
+                                  str(out), "--base-url", server.base_url, "--model", "mock",
+                                  "--workers", "1", "--no-progress", "--rows-per-partition",
+                                  "10"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+    assert server.stats.requests == 0 and not out.exists()
+
+
+def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_docs(10).to_parquet(folder / "docs.parquet", index=False)
+    with MockLLMServer() as server:
+        proc = subprocess.run(cli("run", "--task", "distill", "--input", str(folder), "--output",
+                                  str(folder / "out"), "--base-url", server.base_url, "--model",
+                                  "mock", "--workers", "1", "--no-progress"),
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is inside the input folder" in proc.stderr, proc.stderr
+    assert server.stats.requests == 0 and sorted(p.name for p in folder.iterdir()) == [
+        "docs.parquet"]
