@@ -211,6 +211,32 @@ def _scale(holders: int, seconds_of_reports: float = 2.0) -> dict:
             "cpu_fraction_of_one_core": round(cpu / (rounds * every), 4)}
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Occupancy and queueing per cell, with the goals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['server']} ({r['workers']}w)" for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    top.bar(range(len(rows)), [r["occupancy"] for r in rows], color="tab:blue")
+    top.axhline(0.9, color="black", linestyle="--", linewidth=1, label="goal >= 0.9")
+    top.set_ylabel("requests in service / slots")
+    top.set_ylim(0, 1.05)
+    top.legend(fontsize=7, loc="lower right")
+    top.set_title("max_in_flight='auto' at the server, per server kind")
+    bottom.bar(range(len(rows)), [r["queueing"] for r in rows], color="tab:orange")
+    bottom.axhline(0.25, color="black", linestyle="--", linewidth=1, label="goal <= 0.25")
+    bottom.set_ylabel("queue wait / service time")
+    bottom.legend(fontsize=7, loc="upper right")
+    bottom.set_xticks(range(len(rows)))
+    bottom.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def concurrency(out: Path, quick: bool = False) -> dict:
     from distributed import Client, LocalCluster
 
@@ -223,6 +249,7 @@ def concurrency(out: Path, quick: bool = False) -> dict:
             row = _cell(client, workers, name, options, rate, seconds, halve_at)
             rows.append(row)
             print(row, flush=True)
+    plot(rows, out / "concurrency.png")
     scale = [_scale(n) for n in ((100, 1000) if quick else (100, 500, 1000))]
     print(scale, flush=True)
     table = _table(rows, ["server", "workers", "occupancy", "queueing", "t90_s", "answers",
@@ -232,7 +259,7 @@ def concurrency(out: Path, quick: bool = False) -> dict:
               "second half (after the halving: the last half of what follows it). `occupancy` = "
               "mean requests in service / slots; `queueing` = mean wait for a slot / mean "
               "service time; `t90_s` = first time the 2-s occupancy reached 0.9. Goals: >= 0.9, "
-              "<= 0.25, <= 30 s, no failures.\n\n")
+              "<= 0.25, <= 30 s, no failures. Plot: concurrency.png.\n\n")
     table += _table(scale, ["holders", "report_every_s", "reports_per_s",
                             "cpu_fraction_of_one_core"])
     table += ("\n\nThe coordinator's handler with simulated holders, each reporting as often as "

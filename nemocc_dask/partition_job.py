@@ -129,7 +129,8 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
         input_ids, dropped, set(to_host_list(kept[plan.id_field])),
         rejects.to_pandas() if hasattr(rejects, "to_pandas") else rejects, plan.id_field)
     stats = {
-        "partition": index, "task": plan.preset.name, "input_rows": len(df),
+        "partition": index, "task": plan.preset.name, "finished_at": time.time(),
+        "input_rows": len(df),
         "documents_in": len(set(input_ids)), "documents_written": written,
         "documents_not_written": dict(not_written), "documents_invalid_quality": invalid_quality,
         "documents_other_route": len(df) - len(routed) - invalid_quality,

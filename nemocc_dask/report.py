@@ -53,6 +53,35 @@ def accounting_errors(report: dict, expected_rows: int | None = None,
     return errors
 
 
+_THIS_RUN = ("requests", "attempts", "retries", "reused_answers", "failed_requests",
+             "prompt_tokens", "completion_tokens", "journal_lines_skipped")
+
+
+def this_run(stats: list[dict], started: float, wall_seconds: float) -> dict:
+    """What this run did (the partitions it finished since ``started``), apart from what earlier
+    runs into the same folder did: requests, answers reused, tokens, wall time, throughput."""
+    mine = [s for s in stats if float(s.get("finished_at", 0)) >= started]
+    out = {key: sum(int(s.get(key, 0)) for s in mine) for key in _THIS_RUN}
+    out["partitions"] = len(mine)
+    out["wall_seconds"] = round(wall_seconds, 3)
+    out["completion_tokens_per_second"] = (round(out["completion_tokens"] / wall_seconds, 1)
+                                           if wall_seconds > 0 else 0.0)
+    return out
+
+
+def with_history(report: dict, previous: dict | None) -> dict:
+    """``report`` (one run's ``this_run`` in it) with the runs before it: ``runs`` lists every
+    run's ``this_run``; ``wall_seconds`` and ``completion_tokens_per_second`` are over all of
+    them (the counts are the folder's, whichever run produced them)."""
+    runs = list((previous or {}).get("runs", [])) + [report["this_run"]]
+    report["runs"] = runs
+    wall = sum(float(r.get("wall_seconds", 0)) for r in runs)
+    report["wall_seconds"] = round(wall, 3)
+    report["completion_tokens_per_second"] = (round(report["completion_tokens"] / wall, 1)
+                                              if wall > 0 else 0.0)
+    return report
+
+
 def aggregate(stats: list[dict], wall_seconds: float, partitions_skipped: int = 0,
               expected_rows: int | None = None, expected_partitions: int | None = None) -> dict:
     """Sum partition stats into a report (tokens/s is completion tokens per wall-clock second),
@@ -107,6 +136,12 @@ def _rows(report: dict) -> list[tuple[str, str]]:
     if "wall_seconds" in report:
         rows += [("completion tokens/s", report["completion_tokens_per_second"]),
                  ("wall time (s)", report["wall_seconds"])]
+    if "this_run" in report and len(report.get("runs", [])) > 1:
+        mine = report["this_run"]
+        rows += [("this run: requests sent", mine["requests"]),
+                 ("this run: answers reused", mine["reused_answers"]),
+                 ("this run: completion tokens/s", mine["completion_tokens_per_second"]),
+                 ("this run: wall time (s)", mine["wall_seconds"])]
     rows += [(f"  in {stage} (worker-s)", t) for stage, t in report.get("stage_seconds", {}).items()]
     for name, ep in report.get("endpoints", {}).items():
         rows.append((f"endpoint {name}", f"{ep['requests']} ok, {ep['errors']} errors, "

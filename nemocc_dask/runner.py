@@ -34,7 +34,7 @@ from nemocc_dask.partition_job import (PartitionPlan, finished_stats, journal_pa
                                        process_partition)
 from nemocc_dask.pipeline import require_columns, resolve_task
 from nemocc_dask.presets import TaskPreset
-from nemocc_dask.report import aggregate
+from nemocc_dask.report import aggregate, this_run, with_history
 from nemocc_dask.stages.route import Route
 from nemocc_dask.storage import as_path, is_remote, refresh
 from nemocc_dask.served_tokenizer import find_served_tokenizer
@@ -598,6 +598,11 @@ def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: 
     stats = [json.loads(p.read_text()) for p in sorted((job.out_dir / "stats").glob("*.json"))]
     report = aggregate(stats, seconds, n_parts - ran, expected_rows=input_rows,
                        expected_partitions=n_parts)
+    report["this_run"] = this_run(stats, time.time() - seconds, seconds)
+    previous = None  # the report of the runs before this one into the same folder
+    with contextlib.suppress(OSError, ValueError):
+        previous = json.loads((job.out_dir / "report.json").read_text())
+    report = with_history(report, previous)
     report["task"] = job.preset.name
     report["fingerprint"] = json.loads((job.out_dir / MANIFEST).read_text())["fingerprint"]
     report["tokenizer"] = tokenizer_name(tokenizer)

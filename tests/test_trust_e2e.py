@@ -333,3 +333,25 @@ def test_an_output_folder_inside_the_input_folder_is_refused(tmp_path):
     assert proc.returncode == 2 and "is inside the input folder" in proc.stderr, proc.stderr
     assert server.stats.requests == 0 and sorted(p.name for p in folder.iterdir()) == [
         "docs.parquet"]
+
+
+def test_a_resumed_run_reports_what_it_did_apart_from_the_runs_before(tmp_path, docs_parquet):
+    """A rerun that sends nothing says so (this_run: 0 requests, its own wall time) and keeps the
+    history: the folder's totals, and each run's own figures in ``runs``."""
+    out = tmp_path / "out"
+    with MockLLMServer(latency=0.01) as server:
+        base = cli("run", "--task", "distill", "--input", str(docs_parquet), "--output",
+                   str(out), "--base-url", server.base_url, "--model", "mock", "--workers", "1",
+                   "--no-progress")
+        assert subprocess.run(base, capture_output=True, timeout=300).returncode == 0
+        first = json.loads((out / "report.json").read_text())
+        again = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    report = json.loads((out / "report.json").read_text())
+    assert again.returncode == 0
+    assert first["this_run"]["requests"] == first["requests"] == 60
+    assert report["requests"] == 60 and report["this_run"]["requests"] == 0
+    assert report["this_run"]["completion_tokens_per_second"] == 0.0
+    assert [r["requests"] for r in report["runs"]] == [60, 0]
+    assert report["wall_seconds"] == pytest.approx(sum(r["wall_seconds"] for r in report["runs"]),
+                                                   abs=0.01)
+    assert "this run: requests sent" in again.stdout
