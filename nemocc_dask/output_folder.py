@@ -56,12 +56,15 @@ def _what_changed(old: dict, new: dict) -> str:
     return ", ".join(changed) or "the run's settings"
 
 
-def check_output(out_dir: Path, material: dict, overwrite: bool) -> str:
+def check_output(out_dir: Path, material: dict, overwrite: bool,
+                 unknown: tuple[str, ...] = ()) -> str:
     """Whether this run may use ``out_dir``, without changing anything in it.
 
     Returns ``"new"`` (missing or empty folder), ``"resume"`` (same run identity) or ``"replace"``
     (``overwrite``: the earlier run is deleted once every check has passed). Raises OutputError
     for a folder with other files, another run's identity without ``overwrite``, or a live lock.
+    ``unknown``: parts of the identity not known yet (before a served model starts: its
+    tokenizer and context), compared later.
     """
     storage.refresh(out_dir)
     entries = sorted(p.name for p in out_dir.iterdir()
@@ -78,6 +81,15 @@ def check_output(out_dir: Path, material: dict, overwrite: bool) -> str:
     previous = json.loads(manifest.read_text())
     if overwrite:
         return "replace"
+    if unknown:
+        known = {k: v for k, v in (previous.get("material") or {}).items() if k not in unknown}
+        if json.loads(json.dumps(known, default=str)) != json.loads(json.dumps(
+                {k: v for k, v in material.items() if k not in unknown}, default=str)):
+            raise OutputError(f"output folder {str(out_dir)!r} holds a run with different "
+                              f"{_what_changed(previous.get('material') or {}, material)}; "
+                              "rerun with the same command to resume it, or pass --overwrite "
+                              "to start over")
+        return "resume"
     if previous.get("fingerprint") != io.digest(material):
         raise OutputError(f"output folder {str(out_dir)!r} holds a run with different "
                           f"{_what_changed(previous.get('material') or {}, material)}; rerun "

@@ -531,8 +531,11 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                 if job.route is not None:
                     needed["quality"] = job.route.field
                 require_columns(ddf.columns, needed)
-            for job in jobs:  # before any server starts: is the folder free?
+            for job in jobs:  # before any server starts: is the folder free and this run's?
                 output_folder.wait_for_lock(job.out_dir, wait_for_lock)
+                if job.llm.serve is not None:
+                    check_output(job.out_dir, fingerprint(job, inputs, None, seed, id_field),
+                                 overwrite, unknown=("tokenizer", "served_context"))
             jobs, served_status = _serve(jobs, servers)
             jobs = [_with_served_context(job, preflight(job.llm)) for job in jobs]
             tokenizers = _tokenizers(jobs, tokenizer)

@@ -4,8 +4,10 @@ one that dies, stops them all at the end, and refuses to start when a server can
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -348,3 +350,43 @@ def test_node_server_supervision_never_blocks_the_workers_event_loop(tmp_path):
         assert longest_gap < 0.5, longest_gap  # the loop never waited on the lock or the kill
     finally:
         worker.leave()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("why", ["another run's folder", "a locked folder"])
+def test_a_refused_served_run_starts_no_server_and_leaves_the_folder_as_it_was(tmp_path, why):
+    """Issue 23 item 5: the folder checks come before the served model starts, so a refusal
+    writes no serve-logs/ and starts no server (with vLLM: no minutes of model loading)."""
+    make_docs(5).to_parquet(tmp_path / "docs.parquet")
+    out = tmp_path / "out"
+    marker = f"served-{uuid.uuid4().hex[:8]}"
+    with MockLLMServer() as server:
+        first = subprocess.run(
+            [sys.executable, "-m", "nemocc_dask.cli", "run", "--task", "distill", "--input",
+             str(tmp_path / "docs.parquet"), "--output", str(out), "--base-url",
+             server.base_url, "--model", "mock", "--workers", "1", "--no-progress"],
+            capture_output=True, text=True, timeout=300)
+    if why == "a locked folder":
+        holder = subprocess.Popen(["sleep", "60"])
+        (out / ".nemocc.lock").write_text(json.dumps(
+            {"host": socket.gethostname(), "pid": holder.pid, "heartbeat": time.time()}))
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    try:
+        refused = subprocess.run(
+            [sys.executable, "-m", "nemocc_dask.cli", "run", "--task", "knowledge_list"
+             if why == "another run's folder" else "distill", "--input",
+             str(tmp_path / "docs.parquet"), "--output", str(out), "--serve",
+             MOCK + f" --model {marker}", "--model", marker, "--workers", "1", "--no-progress"],
+            capture_output=True, text=True, timeout=300)
+    finally:
+        if why == "a locked folder":
+            holder.kill()
+    after = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert first.returncode == 0, first.stderr
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert ("holds a run with different" if why == "another run's folder"
+            else "being written by another run") in refused.stderr
+    assert "served model up" not in refused.stderr and not (out / "serve-logs").exists()
+    assert after == before
+    pattern = rf"serve-mock --host [0-9.]+ --port [0-9]+ --model {marker}"
+    assert subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 1
