@@ -268,6 +268,12 @@ def cmd_serve_mock(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from nemocc_dask.verify import verify
+
+    return verify(args.output)
+
+
 def cmd_presets(args) -> int:
     header = ("task", "output", "min doc", "min seg", "max in", "max out", "post max", "post min",
               "prefix")
@@ -352,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="print the task defaults table")
     presets.set_defaults(fn=cmd_presets)
+    check = sub.add_parser("verify", help="check an output folder's parts against their stats "
+                                          "(size, sha256, rows) without running anything")
+    check.add_argument("output", help="the --output of a run (a task's or nemotron-cc's)")
+    check.set_defaults(fn=cmd_verify)
     return parser
 
 

@@ -348,6 +348,16 @@ def _raise_duplicates(columns, id_field: str, repeated: set, host_ids) -> None:
                      "Deduplicate the input or pass another --id-field")
 
 
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file or object, read in 1 MiB blocks."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
 TMP_SUFFIX = ".nemocc-tmp"
 
 

@@ -1,24 +1,27 @@
 """One input partition, end to end, on a worker: route -> preprocess -> generate (journaled) ->
-postprocess -> write rejects, stats and the output part, each atomically, in that order. The
-output part is written last, so its existence means the partition is finished; a rewrite
-(``--retry-failed``) first deletes the part, so a crash mid-rewrite leaves it unfinished (and the
-next run redoes it from the journal).
+postprocess -> write rejects, the output part and stats, each atomically, in that order. The
+stats are written last and record the part's size and sha256, so a partition is finished when
+its stats exist and its part has that size (a part missing or cut short is redone); a rewrite
+(``--retry-failed``) first deletes the stats, so a crash mid-rewrite leaves it unfinished. The
+journal of a finished partition is kept compacted (gzip): a redo reuses every answer.
 
 Output folder layout (one per task)::
 
     run.json                   fingerprint and settings of the run (no secrets)
     parts/part-00000.parquet   kept rows of input partition 0
     rejects/part-00000.parquet removed rows with ``reject_reason``
-    stats/part-00000.json      the partition's counts (summed into report.json)
-    journal/part-00000.jsonl   answers received so far (reused after a crash); removed once the
-                               part is written, unless some requests failed (--retry-failed
-                               resends those and reuses the rest)
+    stats/part-00000.json      the partition's counts (summed into report.json), the part's
+                               size and sha256 (``nemocc-dask verify`` checks them)
+    journal/part-00000.jsonl   answers received so far (reused after a crash); compacted to
+                               part-00000.jsonl.gz once the part is written (a redo, or
+                               --retry-failed resending the failed ones, reuses the rest)
     report.json                the run report
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from nemocc_dask.io import atomic_write_bytes, atomic_write_parquet
+from nemocc_dask.io import atomic_write_bytes, atomic_write_parquet, file_digest
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.generate import Journal, generate_partition
 from nemocc_dask.presets import TaskPreset
@@ -37,6 +40,7 @@ from nemocc_dask.stages.preprocess import preprocess_partition, timed
 from nemocc_dask.stages.route import Route, route_partition
 from nemocc_dask.storage import as_path
 
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PartitionPlan:
@@ -69,14 +73,23 @@ def journal_path(out_dir: str | Path, index: int) -> Path:
 
 
 def finished_stats(out_dir: str | Path, index: int) -> dict | None:
-    """The stats of partition ``index`` if it is finished (its part exists), else None."""
-    stats = stats_path(out_dir, index)
-    if not (stats.exists() and part_path(out_dir, index).exists()):
+    """The stats of partition ``index`` if it is finished (its stats, written last, exist and
+    its part has the size they record), else None: a part missing, cut short or grown is
+    redone (from the partition's compacted journal: nothing is paid twice)."""
+    stats, part = stats_path(out_dir, index), part_path(out_dir, index)
+    if not stats.exists():
         return None
     try:
-        return json.loads(stats.read_text())
+        done = json.loads(stats.read_text())
     except ValueError:  # not expected (atomic writes), but then it is not finished
         return None
+    size = part.stat().st_size if part.exists() else None
+    if size is None or size != done.get("part_bytes", size):
+        logger.warning("%s is %s (its stats record %s bytes): the partition is redone from its "
+                       "journal", part, "missing" if size is None else f"{size} bytes",
+                       done.get("part_bytes"))
+        return None
+    return done
 
 
 def _document_outcomes(input_ids: list, dropped: pd.DataFrame, kept_ids: set,
@@ -102,14 +115,14 @@ def _document_outcomes(input_ids: list, dropped: pd.DataFrame, kept_ids: set,
 def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -> dict:
     """Process input partition ``index`` and write its files; returns its stats (also written to
     ``stats/part-NNNNN.json``). A finished partition is returned as it is unless ``redo`` (then
-    its part is deleted first and every file is rewritten; failed requests are resent when
+    its stats are deleted first and every file is rewritten; failed requests are resent when
     the plan says ``retry_failed``)."""
     out = as_path(plan.out_dir)
     if not redo:
         done = finished_stats(out, index)
         if done is not None:
             return done
-    part_path(out, index).unlink(missing_ok=True)
+    stats_path(out, index).unlink(missing_ok=True)
     started = time.time()
     routed, invalid_quality = route_partition(df, plan.route)
     seconds: dict[str, float] = {}
@@ -151,8 +164,8 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
         "stage_seconds": {stage: round(t, 4) for stage, t in seconds.items()},
     }
     atomic_write_parquet(rejects, out / "rejects" / f"{part_name(index)}.parquet")
-    atomic_write_bytes(stats_path(out, index), json.dumps(stats, indent=1).encode())
     atomic_write_parquet(kept, part_path(out, index))
-    if not stats["failed_requests"]:  # nothing to resend: the part holds what the journal held
-        Journal(journal_path(out, index)).delete()
+    stats["part_bytes"], stats["part_sha256"] = file_digest(part_path(out, index))
+    atomic_write_bytes(stats_path(out, index), json.dumps(stats, indent=1).encode())  # last
+    Journal(journal_path(out, index)).compact()  # a damaged part is redone from it, unpaid
     return stats

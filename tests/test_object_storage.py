@@ -91,7 +91,8 @@ def test_s3_input_and_output_with_kill_and_resume(s3, tmp_path):
     assert sent < 60 + 60 - 10 * len(finished) + 1  # finished partitions were not sent again
     keys = _keys(s3, "out/")
     assert "out/report.json" in keys and "out/run.json" in keys
-    assert not any("/journal/" in k for k in keys)  # no failures: journals removed
+    journals = [k for k in keys if "/journal/" in k]  # each finished one compacted: no chunks
+    assert journals and all(k.endswith(".jsonl.gz") for k in journals), journals
     assert SECRET not in done.stdout + done.stderr
     for key in keys:
         assert SECRET.encode() not in s3.get_object(Bucket="corpus", Key=key)["Body"].read(), key
@@ -100,22 +101,23 @@ def test_s3_input_and_output_with_kill_and_resume(s3, tmp_path):
 def test_journal_on_s3_is_written_in_chunks_and_read_back(s3):
     from nemocc_dask.llm.generate import Journal
 
-    journal = Journal("s3://corpus/out/journal/part-00000.jsonl")
+    journal = Journal("s3://corpus/jtest/journal/part-00000.jsonl")
     journal.CHUNK_RECORDS = 2
     sink = journal.open()
     for i in range(5):
         sink.write(f'{{"key": "k{i}", "text": "a{i}"}}\n')
         sink.flush()
-    assert len(_keys(s3, "out/journal/")) == 2  # two full chunks written; one answer buffered
+    assert len(_keys(s3, "jtest/journal/")) == 2  # two full chunks written; one answer buffered
     sink.close()
-    assert len(_keys(s3, "out/journal/")) == 3
-    again = Journal("s3://corpus/out/journal/part-00000.jsonl").open()  # a resumed writer
+    assert len(_keys(s3, "jtest/journal/")) == 3
+    again = Journal("s3://corpus/jtest/journal/part-00000.jsonl").open()  # a resumed writer
     again.write('{"key": "k1", "text": "newer"}\n')
     again.close()
-    records = Journal("s3://corpus/out/journal/part-00000.jsonl").load()
+    records = Journal("s3://corpus/jtest/journal/part-00000.jsonl").load()
     assert sorted(records) == [f"k{i}" for i in range(5)] and records["k1"]["text"] == "newer"
-    journal.delete()
-    assert _keys(s3, "out/journal/") == []
+    journal.compact()  # the partition finished: one gzip object instead of the chunks
+    assert _keys(s3, "jtest/journal/") == ["jtest/journal/part-00000.jsonl.gz"]
+    assert Journal("s3://corpus/jtest/journal/part-00000.jsonl").load() == records
 
 
 def test_unknown_protocol_is_a_clear_start_error():

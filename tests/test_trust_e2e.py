@@ -355,3 +355,33 @@ def test_a_resumed_run_reports_what_it_did_apart_from_the_runs_before(tmp_path, 
     assert report["wall_seconds"] == pytest.approx(sum(r["wall_seconds"] for r in report["runs"]),
                                                    abs=0.01)
     assert "this run: requests sent" in again.stdout
+
+
+def test_a_damaged_part_is_noticed_and_redone_without_paying_again(tmp_path, docs_parquet):
+    """Issue 23 item 2: a finished run whose part was cut in half. `verify` says so; the rerun
+    redoes that partition from its kept (compacted) journal, sends nothing, and the part is
+    whole again; so is a part deleted by hand."""
+    out = tmp_path / "out"
+    with MockLLMServer(latency=0.001) as server:
+        base = cli("run", "--task", "distill", "--input", str(docs_parquet), "--output",
+                   str(out), "--base-url", server.base_url, "--model", "mock", "--workers", "1",
+                   "--no-progress", "--rows-per-partition", "20")
+        assert subprocess.run(base, capture_output=True, timeout=300).returncode == 0
+        clean = read_parts(out)
+        assert subprocess.run(cli("verify", str(out)), capture_output=True).returncode == 0
+        part = out / "parts" / "part-00001.parquet"
+        part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # cut in half
+        checked = subprocess.run(cli("verify", str(out)), capture_output=True, text=True)
+        assert checked.returncode == 1 and "part-00001.parquet" in checked.stdout
+        sent = server.stats.requests
+        again = subprocess.run(base, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        (out / "parts" / "part-00002.parquet").unlink()  # deleted by hand
+        third = subprocess.run(base, capture_output=True, text=True, timeout=300)
+        assert third.returncode == 0, third.stderr[-2000:]
+        assert server.stats.requests == sent  # both redone from their journals, unpaid
+    assert "part-00001.parquet is" in again.stderr and "redone" in again.stderr
+    pd.testing.assert_frame_equal(read_parts(out), clean)
+    assert subprocess.run(cli("verify", str(out)), capture_output=True).returncode == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["accounted"] and report["this_run"]["reused_answers"] == 20

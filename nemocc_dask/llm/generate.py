@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gzip
 import hashlib
 import json
 import logging
@@ -14,6 +15,7 @@ import time
 from typing import Iterator
 
 from nemocc_dask import storage
+from nemocc_dask.io import atomic_write_bytes
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.pool import Request, Result, get_pool
 from nemocc_dask.llm.preflight import preflight_once
@@ -50,6 +52,7 @@ class Journal:
     def __init__(self, path):
         self.path = storage.as_path(path)
         self.chunks = self.path.parent / f"{self.path.name}.d"
+        self.compacted = self.path.parent / f"{self.path.name}.gz"  # a finished partition's
 
     def _chunk_files(self) -> list:
         """The chunk objects written so far (object stores), in order."""
@@ -57,7 +60,14 @@ class Journal:
         return sorted(self.chunks.glob("*.jsonl")) if self.chunks.exists() else []
 
     def _lines(self) -> Iterator[bytes]:
-        """The journal's lines as bytes (decoding is per line, so one bad byte spoils one)."""
+        """The journal's lines as bytes (decoding is per line, so one bad byte spoils one): the
+        compacted copy of a finished partition first, then what was added since."""
+        if self.compacted.exists():
+            try:
+                yield from gzip.decompress(self.compacted.read_bytes()).splitlines()
+            except (OSError, EOFError) as exc:  # damaged: its answers are sent again
+                logger.warning("journal %s cannot be read (%s); its answers are sent again",
+                               self.compacted, exc)
         if storage.is_remote(self.path):
             for chunk in self._chunk_files():
                 yield from chunk.read_bytes().splitlines()
@@ -107,8 +117,13 @@ class Journal:
             sink.write("\n")
         return sink
 
-    def delete(self) -> None:
-        """Remove the journal (the partition's output now holds what it held)."""
+    def compact(self) -> None:
+        """Keep a finished partition's answers as one gzip file (``<name>.gz``), so that a part
+        found damaged or missing later is redone without paying again; the live journal goes."""
+        lines = list(self._lines())
+        if lines:
+            data = gzip.compress(b"\n".join(lines) + b"\n", mtime=0)
+            atomic_write_bytes(self.compacted, data)
         if storage.is_remote(self.path):
             storage.remove_tree(self.chunks)
         else:
