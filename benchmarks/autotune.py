@@ -28,7 +28,7 @@ from nemocc_dask.presets import PRESETS
 WINDOW_SECONDS = 2.0  # throughput is measured over sliding windows this long
 
 
-def _requests(n: int, tag: str) -> list[Request]:
+def requests(n: int, tag: str) -> list[Request]:
     """Knowledge-list prompts whose mock answers are about 50 tokens."""
     preset = PRESETS["knowledge_list"]
     sentence = "The river {i} carries water past the town and the fields. "
@@ -36,13 +36,10 @@ def _requests(n: int, tag: str) -> list[Request]:
                     {"model": "mock", "max_tokens": 600}) for i in range(n)]
 
 
-def _drive(urls: list[str], max_in_flight, seconds: float, rate: float) -> dict:
-    """Keep our pool busy against ``urls`` for ``seconds``; count answers and failures."""
-    llm = LLMConfig(base_url=urls, model="mock", max_in_flight=max_in_flight)
-    pool = new_pool(llm, llm.in_flight_total)
+def count_answers(stream, seconds: float) -> tuple[int, int]:
+    """(answers, failures) read from a pool's ``stream`` for ``seconds``; then it is closed."""
     answers = failures = 0
     deadline = time.monotonic() + seconds
-    stream = pool.stream(_requests(int(rate * seconds * 1.3) + 2000, "r"))
     try:
         for result in stream:
             answers += result.error is None
@@ -51,6 +48,17 @@ def _drive(urls: list[str], max_in_flight, seconds: float, rate: float) -> dict:
                 break
     finally:
         stream.close()
+    return answers, failures
+
+
+def _drive(urls: list[str], max_in_flight, seconds: float, rate: float) -> dict:
+    """Keep our pool busy against ``urls`` for ``seconds``; count answers and failures."""
+    llm = LLMConfig(base_url=urls, model="mock", max_in_flight=max_in_flight)
+    pool = new_pool(llm, llm.in_flight_total)
+    try:
+        answers, failures = count_answers(
+            pool.stream(requests(int(rate * seconds * 1.3) + 2000, "r")), seconds)
+    finally:
         windows = [e.window for e in pool.endpoints]
         pool.close()
     return {"answers": answers, "failures": failures, "windows": windows}

@@ -32,34 +32,15 @@ from nemocc_dask.llm.config import server_root
 STEADY_FROM = 0.5  # the steady part: the second half of each cell
 
 
-def _requests(n: int, tag: str) -> list:
-    from nemocc_dask.llm.pool import Request
-    from nemocc_dask.presets import PRESETS
-
-    preset = PRESETS["knowledge_list"]
-    sentence = "The river {i} carries water past the town and the fields. "
-    return [Request(f"{tag}{i}", preset.messages(sentence.format(i=i) * (3 + i % 3)),
-                    {"model": "mock", "max_tokens": 600}) for i in range(n)]
-
-
 def _drive_here(url: str, seconds: float, count: int, tag: str) -> dict:
     """Run on a worker: keep this process's pool busy for ``seconds``."""
+    from benchmarks.autotune import count_answers, requests
     from nemocc_dask.llm.config import LLMConfig
     from nemocc_dask.llm.pool import get_pool
 
     llm = LLMConfig(base_url=url, model="mock", max_retries=20, backoff_base=0.05,
                     backoff_max=2.0)
-    answers = failures = 0
-    deadline = time.monotonic() + seconds
-    stream = get_pool(llm).stream(_requests(count, tag))
-    try:
-        for result in stream:
-            answers += result.error is None
-            failures += result.error is not None
-            if time.monotonic() >= deadline:
-                break
-    finally:
-        stream.close()
+    answers, failures = count_answers(get_pool(llm).stream(requests(count, tag)), seconds)
     return {"answers": answers, "failures": failures}
 
 

@@ -84,23 +84,60 @@ def error_for_status(status: int, body: bytes, retry_after: str | None) -> LLMRe
 
 
 def parse_completion(data: dict, all_choices: bool = False) -> Completion:
-    """A Completion from a chat-completions JSON answer (first choice unless ``all_choices``)."""
-    choices = data.get("choices") or []
-    if not choices:
+    """A Completion from a chat-completions JSON answer (first choice unless ``all_choices``);
+    an answer whose content is neither text nor null is a ``bad_response`` (a failed request,
+    which ``--retry-failed`` sends again), never kept as an answer."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices, list):
         raise LLMRequestError("empty_response", "the answer has no choices")
-    usage = data.get("usage") or {}
-    texts = [(c.get("message") or {}).get("content") for c in choices]
-    return Completion(text=texts[0], finish_reason=choices[0].get("finish_reason"),
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    messages = [c.get("message") if isinstance(c, dict) else None for c in choices]
+    texts = [m.get("content") if isinstance(m, dict) else None for m in messages]
+    if not isinstance(texts[0], (str, type(None))):
+        raise LLMRequestError("bad_response", "the answer's message.content is a "
+                              f"{type(texts[0]).__name__}, not text")
+    first = choices[0] if isinstance(choices[0], dict) else {}
+    return Completion(text=texts[0], finish_reason=first.get("finish_reason"),
                       prompt_tokens=int(usage.get("prompt_tokens") or 0),
                       completion_tokens=int(usage.get("completion_tokens") or 0),
                       choices=[t for t in texts if isinstance(t, str)] if all_choices else [])
+
+
+BYTES_PER_TOKEN = 64     # a token's text, JSON-escaped (\uXXXX), with room to spare
+ANSWER_OVERHEAD_BYTES = 1 << 20
+
+
+def answer_byte_limit(settings: dict) -> int:
+    """The most an answer to ``settings`` can honestly weigh: ``max_tokens`` (default 32k) of
+    text in each of its ``n`` choices, JSON-escaped, plus 1 MiB of envelope."""
+    tokens = int(settings.get("max_tokens") or 32768) * int(settings.get("n") or 1)
+    return tokens * BYTES_PER_TOKEN + ANSWER_OVERHEAD_BYTES
+
+
+async def _read_at_most(resp, limit: int, url: str) -> bytes:
+    """The body, refused (``response_too_large``) as soon as it passes ``limit`` bytes, so a
+    hostile or broken server cannot fill the worker's memory."""
+    if (resp.content_length or 0) > limit:
+        raise LLMRequestError("response_too_large", f"{url}: the answer is "
+                              f"{resp.content_length} bytes, more than {limit} "
+                              "(max_tokens allows); raise LLMConfig.max_response_bytes if real")
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise LLMRequestError("response_too_large", f"{url}: the answer passed {limit} "
+                                  "bytes (more than max_tokens allows); raise "
+                                  "LLMConfig.max_response_bytes if real")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class OpenAIHTTPClient:
     """POST ``{base_url}/chat/completions`` with aiohttp; one session, keep-alive connections."""
 
     def __init__(self, base_url: str, api_key: str | None, timeout: float, max_connections: int,
-                 all_choices: bool = False):
+                 all_choices: bool = False, max_bytes: int | None = None):
+        """``max_bytes``: the most an answer may weigh (default: ``answer_byte_limit``)."""
         self.url = base_url.rstrip("/") + "/chat/completions"
         self._headers = {"Content-Type": "application/json"}
         if api_key:
@@ -108,6 +145,7 @@ class OpenAIHTTPClient:
         self._timeout = timeout
         self._max_connections = max_connections
         self._all_choices = all_choices
+        self._max_bytes = max_bytes
         self._session = None
 
     def _get_session(self):
@@ -124,9 +162,10 @@ class OpenAIHTTPClient:
         import aiohttp
 
         body = json.dumps({"messages": messages, **settings})
+        limit = self._max_bytes or answer_byte_limit(settings)
         try:
             async with self._get_session().post(self.url, data=body) as resp:
-                raw = await resp.read()
+                raw = await _read_at_most(resp, limit, self.url)
                 if resp.status != 200:
                     raise error_for_status(resp.status, raw, resp.headers.get("Retry-After"))
         except asyncio.TimeoutError:

@@ -56,6 +56,10 @@ class LLMConfig:
         The served model's context (prompt + answer tokens). Default: what the endpoint reports in
         ``GET /models`` (vLLM's ``max_model_len``), else unknown. A prompt that cannot fit with
         ``max_tokens`` is not sent (``prompt_too_long``).
+    max_response_bytes:
+        The most one answer may weigh; a larger one fails as ``response_too_large`` before it
+        fills the worker's memory. Default: 64 bytes per ``max_tokens`` token of each choice,
+        plus 1 MiB.
     max_failed_fraction, failure_min_requests:
         The failure budget: once an endpoint has finished ``failure_min_requests`` requests and
         more than ``max_failed_fraction`` of them failed (after retries), it gets no more
@@ -82,6 +86,7 @@ class LLMConfig:
     backoff_max: float = 30.0
     endpoint_cooldown: float = 5.0
     max_model_len: int | None = None
+    max_response_bytes: int | None = None
     max_failed_fraction: float = 0.5
     failure_min_requests: int = 50
     temperature: float | None = None
@@ -176,6 +181,7 @@ class LLMConfig:
                     "cooldown": self.endpoint_cooldown,
                     "budget": [self.max_failed_fraction, self.failure_min_requests],
                     "all_choices": self.return_all_choices,
+                    "max_bytes": self.max_response_bytes,
                     "key": hashlib.sha256((self.api_key or "").encode()).hexdigest()[:12]}
         return json.dumps(material, sort_keys=True)
 

@@ -314,6 +314,15 @@ class WorkerPool:
     def _redact(self, message: str) -> str:
         return message.replace(self._secret, "***") if self._secret else message
 
+    def _redact_completion(self, completion: Completion) -> Completion:
+        """An answer that echoes the API key (a hostile or broken server) never carries it into
+        parts or journals."""
+        if not self._secret or not any(self._secret in t for t in [completion.text or "",
+                                                                     *completion.choices]):
+            return completion
+        return dataclasses.replace(completion, text=completion.text and self._redact(
+            completion.text), choices=[self._redact(t) for t in completion.choices])
+
     async def _call(self, endpoint: Endpoint, request: Request) -> Completion:
         client = endpoint.client
         if hasattr(client, "complete"):
@@ -372,6 +381,7 @@ class WorkerPool:
                                            f"client_error: {type(exc).__name__}: {exc}")
             result.latency = time.monotonic() - started
             endpoint.on_success(tag, result.latency, completion.completion_tokens)
+            completion = self._redact_completion(completion)
             self._count_outcome(endpoint, None)
             result.endpoint = endpoint.name
             result.completion = completion
@@ -569,7 +579,8 @@ def _factories(llm: LLMConfig, window: int) -> list[tuple[str, Callable[[], Any]
     if llm.client_factory is not None:
         return [(llm.endpoints[0], lambda: _adapt(llm.client_factory(), llm))]
     return [(url, lambda url=url: OpenAIHTTPClient(url, llm.api_key, llm.timeout, window,
-                                                   llm.return_all_choices))
+                                                   llm.return_all_choices,
+                                                   llm.max_response_bytes))
             for url in llm.base_url]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -22,13 +23,34 @@ class _NoAnswerYet(Exception):
     """The endpoint accepted the connection but did not answer in time."""
 
 
+MODELS_MAX_BYTES = 16 << 20  # a /models answer larger than this is not a model list
+
+
+def _read_within(resp, url: str, deadline: float) -> bytes:
+    """The whole body by ``deadline`` (a server or proxy that trickles bytes never holds the
+    start check longer than its timeout) and at most MODELS_MAX_BYTES."""
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise _NoAnswerYet()
+        chunk = resp.read1(65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MODELS_MAX_BYTES:
+            raise PreflightError(f"endpoint {url} answered GET /models with more than "
+                                 f"{MODELS_MAX_BYTES >> 20} MiB; check that --base-url points at "
+                                 "an OpenAI-compatible API")
+        chunks.append(chunk)
+
+
 def _get_models(url: str, api_key: str | None, timeout: float) -> list[str]:
     request = urllib.request.Request(url + "/models")
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
-            data = json.loads(resp.read())
+            data = json.loads(_read_within(resp, url, time.monotonic() + timeout))
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
             raise PreflightError(

@@ -1,0 +1,132 @@
+"""Servers we do not control (issue 24, servers): a real HTTP server on 127.0.0.1 that answers
+with an endless body, a non-text content, the caller's API key, or a /models list trickled one
+byte at a time. Every answer is bounded in bytes and time, a non-text answer is a failed request
+(so --retry-failed resends it), and the key never reaches the output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+from aiohttp import web
+
+from nemocc_dask import LLMConfig
+from nemocc_dask.llm.generate import generate_partition
+from nemocc_dask.llm.pool import Request, new_pool
+from nemocc_dask.presets import PRESETS
+
+from conftest import make_docs
+
+KEY = "sk-test-0123456789abcdef"
+
+
+class HostileServer:
+    """chat/completions answers as ``mode`` says; GET /v1/models trickles with ``trickle``."""
+
+    def __init__(self, mode: str, trickle: bool = False):
+        self.mode, self.trickle = mode, trickle
+        self.sent_bytes = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def _chat(self, request):
+        body = await request.json()
+        if self.mode == "endless":
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            chunk = b'{"choices": [{"message": {"content": "' + b"x" * (1 << 20)
+            try:
+                for _ in range(300):  # 300 MB unless the client hangs up
+                    await response.write(chunk)
+                    self.sent_bytes += len(chunk)
+                    chunk = b"x" * (1 << 20)
+            except (ConnectionResetError, RuntimeError):
+                pass
+            return response
+        content = 7 if self.mode == "int" else f"Here is the key {KEY} and the answer."
+        user = body["messages"][-1]["content"]
+        return web.json_response({"choices": [{"message": {"content": content if
+                                                           self.mode != "echo" else
+                                                           content + user[:20]},
+                                               "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 5, "completion_tokens": 9}})
+
+    async def _models(self, request):
+        text = json.dumps({"data": [{"id": "m"}]}).encode()
+        if not self.trickle:
+            return web.Response(body=text, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for byte in text:
+            await response.write(bytes([byte]))
+            await asyncio.sleep(1.0)
+        return response
+
+    async def _start(self):
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]
+
+    def __enter__(self):
+        self.thread.start()
+        port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    def __exit__(self, *exc):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _one(llm, max_tokens=50):
+    pool = new_pool(llm, 2)
+    try:
+        return list(pool.stream([Request("k", [{"role": "user", "content": "hi"}],
+                                         {"model": "m", "max_tokens": max_tokens})]))[0]
+    finally:
+        pool.close()
+
+
+def test_an_endless_answer_is_cut_at_what_max_tokens_allows():
+    with HostileServer("endless") as server:
+        started = time.monotonic()
+        result = _one(LLMConfig(base_url=server.base_url, model="m", max_retries=0))
+        elapsed = time.monotonic() - started
+        time.sleep(0.5)
+    assert result.error_class == "response_too_large" and "max_tokens" in result.error
+    assert elapsed < 10  # not the 120-s timeout
+    assert server.sent_bytes < 64 << 20  # the client hung up long before 300 MB
+
+
+def test_a_non_text_answer_is_a_failed_request_not_an_answer():
+    with HostileServer("int") as server:
+        result = _one(LLMConfig(base_url=server.base_url, model="m", max_retries=0))
+    assert result.completion is None and result.error_class == "bad_response"
+    assert "is a int, not text" in result.error
+
+
+def test_an_answer_that_echoes_the_api_key_never_carries_it_into_the_output(tmp_path):
+    with HostileServer("echo") as server:
+        llm = LLMConfig(base_url=server.base_url, model="m", api_key=KEY)
+        out, _ = generate_partition(make_docs(3), PRESETS["distill"], llm,
+                                    journal_path=str(tmp_path / "j.jsonl"), return_stats=True)
+    assert all("***" in text and KEY not in text for text in out["distill"])
+    assert KEY.encode() not in (tmp_path / "j.jsonl").read_bytes()
+
+
+def test_a_trickled_model_list_cannot_hold_the_start_check():
+    from nemocc_dask.llm.preflight import PreflightError, preflight
+
+    with HostileServer("echo", trickle=True) as server:
+        started = time.monotonic()
+        with pytest.raises(PreflightError, match="did not answer GET /models within 6 s"):
+            preflight(LLMConfig(base_url=server.base_url, model="m"), timeouts=(2.0, 4.0))
+        assert time.monotonic() - started < 6 + 2 * 1.5  # each wait ends within a byte's gap
