@@ -225,6 +225,24 @@ def _meta(pieces: list[Piece]) -> pd.DataFrame:
     return sample.iloc[:0]
 
 
+def column_type(pieces: list[Piece], name: str) -> str:
+    """The type of column ``name`` as stored: the parquet schema's (``string``, ``int64``,
+    ``list<item: string>``...; ``null`` for a file without rows), or for JSONL the Python types
+    of the first rows' values."""
+    first = pieces[0]
+    if first.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with storage.as_path(first.path).open("rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+            if not meta.num_rows:  # an empty file says nothing about its columns' content
+                return "null"
+            return str(meta.schema.to_arrow_schema().field(name).type)
+    sample = read_piece(Piece(first.path, "jsonl", 0, min(first.stop, 100)))[name]
+    kinds = sorted({type(v).__name__ for v in sample if v is not None and v == v})
+    return "string" if kinds in ([], ["str"]) else "/".join(kinds)
+
+
 def partition_map(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION) -> list[Piece]:
     """The pieces (one per partition) of parquet/JSONL files or folders, in a fixed order.
 

@@ -32,7 +32,7 @@ from nemocc_dask.output_folder import (MANIFEST, SERVE_LOGS, LockLost, OutputErr
                                        check_output, prepare_output)
 from nemocc_dask.partition_job import (PartitionPlan, finished_stats, journal_path,
                                        process_partition)
-from nemocc_dask.pipeline import require_columns, resolve_task
+from nemocc_dask.pipeline import require_columns, require_text_column, resolve_task
 from nemocc_dask.presets import TaskPreset
 from nemocc_dask.report import aggregate, this_run, with_history
 from nemocc_dask.stages.route import Route
@@ -237,14 +237,23 @@ def _refuse_output_inside_input(data, jobs: list[Job]) -> None:
                     "resume would be impossible); choose an output folder outside the input")
 
 
+def _stored_type(pieces, ddf, column: str) -> str:
+    """How ``column`` is stored in the input files (``pieces``), or the frame's dtype."""
+    if pieces is not None:
+        return io.column_type(pieces, column)
+    dtype = ddf.dtypes[column]
+    return "string" if str(dtype) in ("string", "object", "str") else str(dtype)
+
+
 def _load_input(data, rows_per_partition: int, id_field: str):
-    """(frame, id-only frame, run identity of the input, number of partitions)."""
+    """(frame, id-only frame, run identity of the input, number of partitions, the pieces of
+    input files or None for a DataFrame)."""
     if isinstance(data, (str, Path, list, tuple)):
         pieces = io.partition_map(data, rows_per_partition)
         ddf = io.frame_from_pieces(pieces)
         ids = io.frame_from_pieces(pieces, [id_field]) if id_field in ddf.columns else None
-        return ddf, ids, io.input_fingerprint(data, pieces), len(pieces)
-    return data, None, {"dask_token": dask.base.tokenize(data)}, data.npartitions
+        return ddf, ids, io.input_fingerprint(data, pieces), len(pieces), pieces
+    return data, None, {"dask_token": dask.base.tokenize(data)}, data.npartitions, None
 
 
 def _with_served_context(job: Job, context: int | None) -> Job:
@@ -523,7 +532,7 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
         started = time.time()
         with start_checks():
             _refuse_output_inside_input(data, jobs)
-            ddf, ids, inputs, n_parts = _load_input(data, rows_per_partition, id_field)
+            ddf, ids, inputs, n_parts, pieces = _load_input(data, rows_per_partition, id_field)
             if gpu:
                 ddf = to_gpu(ddf)
             for job in jobs:
@@ -531,6 +540,8 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                 if job.route is not None:
                     needed["quality"] = job.route.field
                 require_columns(ddf.columns, needed)
+                require_text_column(_stored_type(pieces, ddf, job.preset.input_field),
+                                    job.preset.input_field)
             for job in jobs:  # before any server starts: is the folder free and this run's?
                 output_folder.wait_for_lock(job.out_dir, wait_for_lock)
                 if job.llm.serve is not None:

@@ -259,12 +259,12 @@ def test_failed_rows_stay_failed_on_resume_unless_retry_failed(tmp_path, docs_pa
 
 
 def shutil_parts(out: Path):
-    """Forget the finished partitions that had failed requests (their journals are kept), as if
-    the run had been killed before writing them."""
+    """Forget the finished partitions that had failed requests (their journals are kept,
+    compacted), as if the run had been killed before writing them."""
     removed = 0
     for stats in (out / "stats").glob("*.json"):
         if json.loads(stats.read_text())["failed_requests"]:
-            assert (out / "journal" / f"{stats.stem}.jsonl").exists()
+            assert (out / "journal" / f"{stats.stem}.jsonl.gz").exists()
             (out / "parts" / f"{stats.stem}.parquet").unlink()
             removed += 1
     assert removed
@@ -307,3 +307,23 @@ def test_demo_command_end_to_end(tmp_path):
     # only the package's own lines at default verbosity: no third-party advisories or warnings
     for noise in ("[transformers]", "PyTorch", "Warning", "distributed."):
         assert noise not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("column", ["score", "tags"])
+def test_a_text_column_that_holds_no_text_is_refused_before_requests(tmp_path, llm_server,
+                                                                      column):
+    """Issue 24 item 5: --text-field naming a numeric or list column is exit 2 with the dtype,
+    not a run that writes 0 rows (or sends stringified lists)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    server, llm = llm_server
+    docs = make_docs(4)
+    table = pa.Table.from_pandas(docs, preserve_index=False).append_column(
+        "score", pa.array([1, 2, 3, 4])).append_column(
+        "tags", pa.array([["a"], ["b"], [], ["c"]], pa.list_(pa.string())))
+    pq.write_table(table, tmp_path / "docs.parquet")
+    with pytest.raises(ValueError, match=f"text column '{column}' holds .*, not text"):
+        run_to_parquet(tmp_path / "docs.parquet", tmp_path / "out", "distill", llm,
+                       text_field=column, show_progress=False)
+    assert server.stats.requests == 0 and _nothing_written(tmp_path / "out")
