@@ -243,6 +243,21 @@ def column_type(pieces: list[Piece], name: str) -> str:
     return "string" if kinds in ([], ["str"]) else "/".join(kinds)
 
 
+def file_identities(paths) -> list[list]:
+    """(full name, size, modification time) of every input file: what a cached partition map
+    or id check is valid for."""
+    return [[_full_name(f), f.stat().st_size, _mtime(f)] for f in _files(paths)]
+
+
+def cached_pieces(cache: dict | None, identities: list, rows_per_partition: int):
+    """The pieces a cache (``InputCache.read``) holds for these files and partition size, or
+    None."""
+    if not cache or cache.get("files") != identities \
+            or cache.get("rows_per_partition") != rows_per_partition:
+        return None
+    return [Piece(**piece) for piece in cache["pieces"]]
+
+
 def partition_map(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION) -> list[Piece]:
     """The pieces (one per partition) of parquet/JSONL files or folders, in a fixed order.
 
@@ -283,7 +298,7 @@ def read_input(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION):
 def input_fingerprint(paths, pieces: list[Piece]) -> dict:
     """The run identity of an input: (path, size, mtime) of every file and the partition map
     (each piece's file and row range). Changes when an input file or the partitioning changes."""
-    files = [[_full_name(f), f.stat().st_size, _mtime(f)] for f in _files(paths)]
+    files = file_identities(paths)
     return {"files": files,
             "partitions": [[_full_name(storage.as_path(p.path)), p.kind, p.start, p.stop]
                            for p in pieces]}

@@ -27,7 +27,7 @@ MANIFEST = "run.json"
 LOCK = ".nemocc.lock"
 GUARD = ".nemocc.lock.guard"  # flock'ed while a run reads and writes the lock
 SERVE_LOGS = "serve-logs"  # written by a served model (nemocc_dask.serve) from the run's start
-OWNED = ("parts", "rejects", "stats", "journal", MANIFEST, "report.json")
+OWNED = ("parts", "rejects", "stats", "journal", MANIFEST, "report.json", "input-cache.json")
 HEARTBEAT_SECONDS = 10.0
 STALE_AFTER_SECONDS = 60.0
 

@@ -245,15 +245,45 @@ def _stored_type(pieces, ddf, column: str) -> str:
     return "string" if str(dtype) in ("string", "object", "str") else str(dtype)
 
 
-def _load_input(data, rows_per_partition: int, id_field: str):
+INPUT_CACHE = "input-cache.json"  # the partition map and id check of unchanged input files
+
+
+def _read_input_cache(out_dir: Path) -> dict | None:
+    """The input cache an earlier run left in ``out_dir`` (read only), if any."""
+    try:
+        return json.loads((out_dir / INPUT_CACHE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _load_input(data, rows_per_partition: int, id_field: str, cache: dict | None):
     """(frame, id-only frame, run identity of the input, number of partitions, the pieces of
-    input files or None for a DataFrame)."""
+    input files or None for a DataFrame, the input cache to keep). Input files that have not
+    changed since ``cache`` was written are not read again to partition them."""
     if isinstance(data, (str, Path, list, tuple)):
-        pieces = io.partition_map(data, rows_per_partition)
+        identities = io.file_identities(data)
+        pieces = io.cached_pieces(cache, identities, rows_per_partition)
+        if pieces is None:
+            pieces = io.partition_map(data, rows_per_partition)
+            cache = {"files": identities, "rows_per_partition": rows_per_partition,
+                     "pieces": [dataclasses.asdict(p) for p in pieces]}
         ddf = io.frame_from_pieces(pieces)
         ids = io.frame_from_pieces(pieces, [id_field]) if id_field in ddf.columns else None
-        return ddf, ids, io.input_fingerprint(data, pieces), len(pieces), pieces
-    return data, None, {"dask_token": dask.base.tokenize(data)}, data.npartitions, None
+        return ddf, ids, io.input_fingerprint(data, pieces), len(pieces), pieces, cache
+    return (data, None, {"dask_token": dask.base.tokenize(data)}, data.npartitions, None,
+            None)
+
+
+def _checked_ids(ddf, ids, id_field: str, cache: dict | None) -> int:
+    """The input's row count, after checking its ids (``io.check_ids``) unless the cache says
+    these very files passed that check for ``id_field``."""
+    checked = (cache or {}).get("ids") or {}
+    if checked.get("field") == id_field:
+        return int(checked["rows"])
+    rows = io.check_ids(ids if ids is not None else ddf, id_field)
+    if cache is not None:
+        cache["ids"] = {"field": id_field, "rows": rows}
+    return rows
 
 
 def _with_served_context(job: Job, context: int | None) -> Job:
@@ -532,7 +562,9 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
         started = time.time()
         with start_checks():
             _refuse_output_inside_input(data, jobs)
-            ddf, ids, inputs, n_parts, pieces = _load_input(data, rows_per_partition, id_field)
+            cache = _read_input_cache(jobs[0].out_dir)
+            ddf, ids, inputs, n_parts, pieces, cache = _load_input(data, rows_per_partition,
+                                                                   id_field, cache)
             if gpu:
                 ddf = to_gpu(ddf)
             for job in jobs:
@@ -558,7 +590,7 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                                                       seed, id_field) for job in jobs}
             modes = {job.preset.name: check_output(job.out_dir, materials[job.preset.name],
                                                    overwrite) for job in jobs}
-            input_rows = io.check_ids(ids if ids is not None else ddf, id_field)
+            input_rows = _checked_ids(ddf, ids, id_field, cache)
         for job in jobs:
             logger.info("task %s: %d partitions, endpoint(s) %s, model %r, tokenizer %s, "
                         "output %s", job.preset.name, n_parts, ", ".join(job.llm.endpoints),
@@ -574,6 +606,8 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
             for job in jobs:
                 locks.enter_context(OutputLock(job.out_dir, on_lost=stop_sending))
                 prepare_output(job.out_dir, materials[job.preset.name], modes[job.preset.name])
+            if cache is not None:  # the folder is ours now: keep what the next start can reuse
+                io.atomic_write_bytes(jobs[0].out_dir / INPUT_CACHE, json.dumps(cache).encode())
             _register_pool_plugin()
             parts = ddf.to_delayed()
             plans = {job.preset.name: PartitionPlan(job.preset, job.llm, str(job.out_dir),

@@ -327,3 +327,35 @@ def test_a_text_column_that_holds_no_text_is_refused_before_requests(tmp_path, l
         run_to_parquet(tmp_path / "docs.parquet", tmp_path / "out", "distill", llm,
                        text_field=column, show_progress=False)
     assert server.stats.requests == 0 and _nothing_written(tmp_path / "out")
+
+
+def test_a_resume_does_not_read_unchanged_input_again(tmp_path, llm_server, monkeypatch):
+    """Issue 23 item 9: the partition map and the id check are kept in the output folder, keyed
+    by each input file's path, size and mtime; a resume of unchanged input reads neither again
+    (at terabyte scale that is a full pass per requeue)."""
+    from nemocc_dask import io
+
+    server, llm = llm_server
+    path = tmp_path / "docs.jsonl"
+    make_docs(30).to_json(path, orient="records", lines=True)
+    calls = {"partition_map": 0, "check_ids": 0}
+    for name in calls:
+        real = getattr(io, name)
+
+        def counted(*args, _name=name, _real=real, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(io, name, counted)
+    first = run_to_parquet(path, tmp_path / "out", "distill", llm, rows_per_partition=10,
+                           show_progress=False)
+    assert calls == {"partition_map": 1, "check_ids": 1}
+    again = run_to_parquet(path, tmp_path / "out", "distill", llm, rows_per_partition=10,
+                           show_progress=False)
+    assert calls == {"partition_map": 1, "check_ids": 1}  # nothing read again
+    assert again["partitions_skipped"] == 3 and again["input_rows"] == first["input_rows"] == 30
+    with open(path, "a") as fh:  # the input changed: it is read again (and the run refused)
+        fh.write('{"id": 99, "text": "one more document"}\n')
+    with pytest.raises(Exception, match="the input files"):
+        run_to_parquet(path, tmp_path / "out", "distill", llm, rows_per_partition=10,
+                       show_progress=False)
+    assert calls["partition_map"] == 2
