@@ -138,7 +138,7 @@ def _cells(quick: bool) -> list[tuple]:
                  None)]
     cells = []
     for workers in (1, 2, 4):
-        cells.append((f"fixed C=32 S=0.2 s, no /metrics", fixed(32, 0.2, no_metrics=True), 160,
+        cells.append(("fixed C=32 S=0.2 s, no /metrics", fixed(32, 0.2, no_metrics=True), 160,
                       workers, None))
     cells += [
         ("fixed C=256 S=1 s, no /metrics", fixed(256, 1.0, no_metrics=True), 256, 2, None),

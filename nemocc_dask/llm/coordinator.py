@@ -2,16 +2,16 @@
 that send to it, by leases that fence (pure logic: no Dask, no I/O; ``budget`` runs it on the Dask
 scheduler).
 
-A ``Coordinator`` keeps, per endpoint, one window controller (``concurrency.WindowController``
-for ``max_in_flight="auto"``, else ``FixedWindow``) and the holders (pools) sending to it. It runs
-in a scheduler plugin (``budget.BudgetPlugin``) for a Dask cluster, or inside a pool that has
-no scheduler (``LocalLink``). Every holder reports about every ``nemocc.budget.report-seconds`` while
+A ``Coordinator`` keeps, per endpoint, one window controller (``concurrency.WindowController`` for
+``max_in_flight="auto"``, else ``FixedWindow``) and the holders (pools) sending to it. It runs in a
+scheduler plugin (``budget.BudgetPlugin``) for a Dask cluster, or inside a pool that has no
+scheduler (``LocalLink``). Every holder reports about every ``nemocc.budget.report-seconds`` while
 it has work: per endpoint its cap, requests in flight and waiting (its demand), and what happened
 since its last report (requests sent, the answers' ``Tally`` and requests lost per epoch tag,
 429/503s and timeouts, the server's queue gauges if it is the endpoint's poller). The controller
-learns from the merged reports of all holders; its window is the budget. The answer to a report
-is, per endpoint, the holder's new cap, the epoch tag to put on requests, whether to poll the
-server's ``/metrics``, and a lease.
+learns from the merged reports of all holders; its window is the budget. The answer to a report is,
+per endpoint, the holder's new cap, the epoch tag to put on requests, whether to poll the server's
+``/metrics``, and a lease.
 
 Grants: a max-min fair share of the budget by demand (a holder's demand is its peak over the last
 ``DEMAND_MEMORY_SECONDS``, so the dip between two partitions does not hand its room away and back).

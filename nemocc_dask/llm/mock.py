@@ -5,9 +5,9 @@ functions of the prompt and shaped like a real model's for each of the five task
 "- Question: ... Answer: ..." lines, bullets, passages, occasional markdown); any other prompt gets a
 plain rewrite. Latency is ``latency + per_token_latency * completion_tokens`` (times a log-normal
 factor with ``noise_sigma``); at most ``max_concurrency`` requests are served at once, the others
-wait in a FIFO queue (or, with ``overflow="429"``, are refused at once). Faults are injected at the given rates: 429 with
-``Retry-After``, 500, and dropped connections; ``fail_marker`` makes every request whose prompt
-contains it answer 400.
+wait in a FIFO queue (or, with ``overflow="429"``, are refused at once). Faults are injected at
+the given rates: 429 with ``Retry-After``, 500, and dropped connections; ``fail_marker`` makes
+every request whose prompt contains it answer 400.
 
 Start it from Python (``with MockLLMServer(...) as server: server.base_url``) or from the command
 line (``nemocc-dask serve-mock --port 8000``).
