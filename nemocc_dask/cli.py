@@ -183,9 +183,18 @@ def _client(args):
         yield client
     finally:
         cluster = client.cluster
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        # a slow shutdown on a busy machine ("Worker process still alive after 4.0 seconds,
+        # killing") is Dask's business, not the user's: only -v shows it
+        chatter = logging.getLogger("distributed")
+        level = chatter.level
+        if not args.verbose:
+            chatter.setLevel(logging.ERROR)
+        try:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        finally:
+            chatter.setLevel(level)
 
 
 def _print_reports(reports: dict, out) -> None:
@@ -193,6 +202,12 @@ def _print_reports(reports: dict, out) -> None:
         print(render_table(report, f"task {name}"))
         print()
     print(f"output: {out}")
+    failed = sum(r.get("failed_requests", 0) for r in reports.values())
+    if failed:
+        classes = sorted({c for r in reports.values() for c in r.get("failed_by_class", {})})
+        print(f"{failed} request(s) failed at the LLM ({', '.join(classes)}); their rows are in "
+              "rejects/. Once the cause is fixed, rerun the same command with --retry-failed "
+              "to resend only those", file=sys.stderr)
 
 
 def cmd_run(args) -> int:
@@ -238,7 +253,7 @@ def cmd_demo(args) -> int:
     from nemocc_dask.llm.mock import MockLLMServer
     from nemocc_dask.runner import run_to_parquet
 
-    out = Path(args.output or Path(tempfile.gettempdir()) / "nemocc-dask-demo")
+    out = Path(args.output or tempfile.mkdtemp(prefix="nemocc-dask-demo-"))
     with MockLLMServer(latency=0.05, per_token_latency=0.0005, tokenizer="bundled") as server:
         llm = LLMConfig(base_url=server.base_url, model="mock")
         print(f"mock LLM server on {server.base_url}; sample corpus {io.SAMPLE_PATH}",
@@ -248,9 +263,23 @@ def cmd_demo(args) -> int:
                                     rows_per_partition=50, show_progress=not args.no_progress,
                                     gpu=args.gpu)
     _print_reports({args.task: report}, out)
+    _print_example_row(out, PRESETS[args.task].output_field)
     print(f"rows are in {out / 'parts'}; rejects in {out / 'rejects'}; "
           f"report {out / 'report.json'}")
+    print("The mock server writes made-up answers shaped like the task's, and cuts some of them "
+          "at max_tokens on purpose, so that the truncated and too-short rejects show up.")
     return 0
+
+
+def _print_example_row(out: Path, column: str) -> None:
+    """The first written row's output column, shortened."""
+    import pandas as pd
+
+    parts = sorted((out / "parts").glob("*.parquet"))
+    rows = next((frame for frame in (pd.read_parquet(p) for p in parts) if len(frame)), None)
+    if rows is not None:
+        text = str(rows[column].iloc[0])
+        print(f"example row ({column}): {text[:400]}{' ...' if len(text) > 400 else ''}")
 
 
 def cmd_serve_mock(args) -> int:
@@ -291,7 +320,9 @@ def cmd_presets(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemocc-dask", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: the package's own INFO lines (window changes, retries, "
+                             "tracebacks); -vv: Dask's too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one task over parquet/JSONL input")
@@ -371,10 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         args.gpu = args.gpu or bool(dask.config.get("nemocc.gpu"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # read when distributed is first imported; its default is INFO
+    if args.verbose < 2:  # read when distributed is first imported; its default is INFO
         # A failed partition is reported once, by this command (the worker would also log it
-        # with a traceback); -v keeps every log line.
-        quiet = {"distributed": "warning", "distributed.worker": "critical"}
+        # with a traceback); -v adds the package's INFO lines, -vv Dask's too (its "Run
+        # out-of-band function" lines alone would drown the rest).
+        quiet = {"distributed": "warning",
+                 "distributed.worker": "warning" if args.verbose else "critical"}
         dask.config.set({"logging": {**dask.config.get("logging", {}), **quiet}})
     try:
         return args.fn(args)

@@ -295,7 +295,8 @@ def test_api_key_never_written(tmp_path, docs_parquet):
 
 
 def test_demo_command_end_to_end(tmp_path):
-    """README's first command: bundled sample, in-process mock server, LocalCluster, quiet logs."""
+    """README's first command: bundled sample, in-process mock server, LocalCluster, quiet logs
+    (also a slow cluster shutdown on a busy machine), an example row and what the mock does."""
     out = tmp_path / "demo"
     done = subprocess.run(cli("demo", "--no-progress", "--output", str(out)), capture_output=True,
                           text=True, timeout=300)
@@ -304,6 +305,7 @@ def test_demo_command_end_to_end(tmp_path):
     assert report["documents_in"] == 300 and report["rows_written"] > 0
     assert_report_adds_up(report)
     assert "documents written" in done.stdout and "INFO distributed" not in done.stderr
+    assert "example row (diverse_qa): " in done.stdout and "on purpose" in done.stdout
     # only the package's own lines at default verbosity: no third-party advisories or warnings
     for noise in ("[transformers]", "PyTorch", "Warning", "distributed."):
         assert noise not in done.stderr, done.stderr
@@ -359,3 +361,13 @@ def test_a_resume_does_not_read_unchanged_input_again(tmp_path, llm_server, monk
         run_to_parquet(path, tmp_path / "out", "distill", llm, rows_per_partition=10,
                        show_progress=False)
     assert calls["partition_map"] == 2
+
+
+def test_two_demos_write_to_folders_of_their_own():
+    runs = [subprocess.run(cli("demo", "--no-progress", "--workers", "1"), capture_output=True,
+                           text=True, timeout=300) for _ in range(2)]
+    folders = [next(line.split("output: ", 1)[1] for line in r.stdout.splitlines()
+                    if line.startswith("output: ")) for r in runs]
+    assert all(r.returncode == 0 for r in runs) and folders[0] != folders[1]
+    for folder in folders:
+        assert json.loads((Path(folder) / "report.json").read_text())["documents_in"] == 300

@@ -385,3 +385,15 @@ def test_a_damaged_part_is_noticed_and_redone_without_paying_again(tmp_path, doc
     assert subprocess.run(cli("verify", str(out)), capture_output=True).returncode == 0
     report = json.loads((out / "report.json").read_text())
     assert report["accounted"] and report["this_run"]["reused_answers"] == 20
+
+
+def test_a_run_that_ends_with_failed_rows_says_how_to_resend_them(tmp_path, docs_parquet):
+    with MockLLMServer(fail_marker="supports 1", latency=0.001) as server:
+        done = subprocess.run(cli("run", "--task", "distill", "--input", str(docs_parquet),
+                                  "--output", str(tmp_path / "out"), "--base-url",
+                                  server.base_url, "--model", "mock", "--workers", "1",
+                                  "--no-progress", "--max-retries", "0"),
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "failed at the LLM (http_400)" in last and "--retry-failed" in last
