@@ -333,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(fn=cmd_run)
 
     full = sub.add_parser("nemotron-cc", help="the quality-routed five-task pipeline")
-    full.add_argument("--quality-field", default="bucketed_results")
+    full.add_argument("--quality-field", default="bucketed_results",
+                      help="the column with each document's quality bucket (0-19 in "
+                           "Nemotron-CC); documents at or below --threshold are low quality "
+                           "(paraphrased), the others high quality (the four other tasks)")
     full.add_argument("--threshold", type=float, default=11,
                       help="buckets > threshold are high quality (default 11)")
     full.add_argument("--tasks", help="comma-separated subset of: "

@@ -112,6 +112,8 @@ def aggregate(stats: list[dict], wall_seconds: float, partitions_skipped: int = 
 def combine(reports: dict[str, dict]) -> dict:
     """A combined report of several tasks: each task's report plus totals of the summed counts."""
     totals = _sum_counts(list(reports.values()))
+    # every task reads the whole input: its rows once, not once per task
+    totals["input_rows"] = max((r.get("input_rows", 0) for r in reports.values()), default=0)
     totals["accounted"] = all(r.get("accounted", True) for r in reports.values())
     return {"tasks": reports, "total": totals}
 

@@ -84,10 +84,12 @@ class ServePlugin(WorkerPlugin):
                 await server.join()
             else:
                 gpus = _gpus(self.spec) if self.spec.per == "gpu" else [""]
+                share = min(worker.state.nthreads, os.cpu_count() or 1) // len(gpus)
                 for gpu in gpus:
                     self.servers.append(ServedProcess(
                         self.spec, host, gpu,
-                        logs / f"{socket.gethostname()}-{os.getpid()}-{gpu or 'cpu'}.log"))
+                        logs / f"{socket.gethostname()}-{os.getpid()}-{gpu or 'cpu'}.log",
+                        threads=share))
                     self.servers[-1].start()
                 await asyncio.gather(*(s.wait_healthy() for s in self.servers))
         except BaseException:

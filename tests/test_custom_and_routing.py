@@ -201,6 +201,7 @@ def test_nemotron_cc_cli_end_to_end_with_resume(tmp_path):
         buckets = written["bucketed_results"]
         assert ((buckets <= 11) if task == "wikipedia_paraphrasing" else (buckets > 11)).all()
     assert combined["total"]["documents_in"] == low + 4 * (len(sample) - low)
+    assert combined["total"]["input_rows"] == len(sample)  # each document once, not per task
     assert done_before, "the kill came before any partition finished"
     resumed = [r["partitions_skipped"] for r in combined["tasks"].values()]
     assert sum(resumed) >= len(done_before)

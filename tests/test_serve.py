@@ -65,6 +65,9 @@ def test_presets_expand_to_a_command_health_path_and_model():
         "vllm serve /models/llama --host {host} --port {port} --max-num-seqs 512 "
         "--tensor-parallel-size 2")
     assert ServeSpec.parse("llamacpp:m.gguf").command.startswith("llama-server -m m.gguf")
+    # llama.cpp: no busy polling, the worker's CPU share; the user's arguments come last (win)
+    argv = ServeSpec.parse("llamacpp:m.gguf --threads 1").argv("127.0.0.1", 9, "", threads=3)
+    assert " ".join(argv).endswith("--poll 0 --threads 3 --threads-batch 3 --threads 1")
     with pytest.raises(ValueError, match=r"\{port\}"):
         ServeSpec("vllm serve /models/llama")
 
