@@ -193,3 +193,20 @@ def test_workers_joining_and_leaving_never_exceed_the_budget(tmp_path):
     assert report["requests"] + report["reused_answers"] >= 480
     assert server.stats.max_in_flight <= budget
     assert server.stats.max_in_flight == budget
+
+
+def test_more_busy_workers_than_slots_each_get_their_turn_and_never_exceed_it():
+    """Five busy workers, a budget of 2: as the odd slots rotate (every few round trips), every
+    worker gets to send, and what they may hold together never exceeds the budget."""
+    coord = _coordinator()
+    holders = [f"w{i}/p" for i in range(5)]
+    caps = dict.fromkeys(holders, 0)
+    served = set()
+    now = 0.0
+    for _ in range(200):  # 40 s of reports every 0.2 s; each applies its cap at once
+        for holder in holders:
+            now += 0.04
+            caps[holder] = _report(coord, holder, now, caps[holder], caps[holder], 5, total=2)
+            assert coord.in_use("http://e/v1") <= 2
+        served |= {h for h, cap in caps.items() if cap}
+    assert served == set(holders)
