@@ -33,6 +33,11 @@ class ClusterError(StartError):
     """The requested cluster cannot be started here; the message says why."""
 
 
+# The dashboard is unauthenticated: a local cluster's listens on loopback only (reach it from
+# elsewhere through an SSH tunnel)
+LOCAL_DASHBOARD = "127.0.0.1:0"
+
+
 def _option(name: str, value):
     return value if value is not None else dask.config.get(f"nemocc.{name}")
 
@@ -117,12 +122,14 @@ def make_client(cluster: str | None = None, scheduler: str | None = None,
     if kind == "local":
         return Client(LocalCluster(n_workers=workers, threads_per_worker=threads,
                                    memory_limit=dask.config.get("nemocc.local.memory-limit"),
-                                   dashboard_address=":0", silence_logs=worker_log_level))
+                                   host="127.0.0.1", dashboard_address=LOCAL_DASHBOARD,
+                                   silence_logs=worker_log_level))
     if kind == "local-cuda":
         require_gpu()
         from dask_cuda import LocalCUDACluster
 
-        return Client(LocalCUDACluster(threads_per_worker=threads, dashboard_address=":0"))
+        return Client(LocalCUDACluster(threads_per_worker=threads, host="127.0.0.1",
+                                       dashboard_address=LOCAL_DASHBOARD))
     if kind == "slurm":
         client = Client(slurm_cluster(**slurm_options))
         adapt = slurm_options.get("adapt") or dask.config.get("nemocc.slurm.adapt")

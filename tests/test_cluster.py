@@ -163,3 +163,24 @@ def test_adaptive_slurm_cluster_runs_under_the_budget(tmp_path):
             break
         time.sleep(1)
     assert not queued, f"SLURM worker jobs still queued: {queued}"
+
+
+def test_the_local_clusters_dashboard_and_scheduler_listen_on_loopback_only():
+    """Issue 24 item 10: the dashboard is unauthenticated; the CLI's LocalCluster must not offer
+    it (or the scheduler) on every interface."""
+    import psutil
+
+    from nemocc_dask.cluster import make_client
+
+    client = make_client("local", workers=1, threads_per_worker=1)
+    try:
+        scheduler = client.cluster.scheduler
+        ports = {scheduler.port, scheduler.services["dashboard"].port}
+        listening = [c for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port in ports]
+        assert {c.laddr.port for c in listening} == ports
+        assert all(c.laddr.ip == "127.0.0.1" for c in listening), listening
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
