@@ -167,9 +167,11 @@ def find_served_tokenizer(llm: LLMConfig) -> Any:
                 logger.info("tokenizer %s matches the server's /tokenize for model %r",
                             tokenizer_name(spec), llm.model)
                 return spec
-        logger.info("no local tokenizer counts as model %r does: counting tokens with %s/tokenize "
-                    "(one request per distinct text; pass --tokenizer to count locally)",
-                    llm.model, route.root)
+        logger.warning("no local tokenizer counts as model %r does: every text is counted "
+                       "through the inference server (%s/tokenize, one request per distinct "
+                       "text: preprocessing several times slower, and load on the server). "
+                       "Pass --tokenizer (the model's folder, tokenizer.json or .gguf) to count "
+                       "locally", llm.model, route.root)
         return route
     if local:
         logger.info("tokenizer for model %r: %s (found locally; the server has no /tokenize "
