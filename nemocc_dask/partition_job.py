@@ -34,8 +34,9 @@ from nemocc_dask.io import atomic_write_bytes, atomic_write_parquet, file_digest
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.generate import Journal, generate_partition
 from nemocc_dask.presets import TaskPreset
-from nemocc_dask.stages.backend import to_host_list
-from nemocc_dask.stages.postprocess import REJECT_REASON, postprocess_partition
+from nemocc_dask.stages.backend import concat, to_host_list
+from nemocc_dask.stages.postprocess import (REJECT_REASON, dropped_rejects,
+                                            postprocess_partition, reject_columns)
 from nemocc_dask.stages.preprocess import preprocess_partition, timed
 from nemocc_dask.stages.route import Route, route_partition
 from nemocc_dask.storage import as_path
@@ -141,6 +142,9 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
     written, not_written = _document_outcomes(
         input_ids, dropped, set(to_host_list(kept[plan.id_field])),
         rejects.to_pandas() if hasattr(rejects, "to_pandas") else rejects, plan.id_field)
+    if len(dropped):  # which documents were lost before generation, and why, is in rejects/
+        rejects = concat([rejects, dropped_rejects(routed, dropped, plan.id_field,
+                                                   reject_columns(generated))], rejects)
     stats = {
         "partition": index, "task": plan.preset.name, "finished_at": time.time(),
         "input_rows": len(df),

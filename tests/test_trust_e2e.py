@@ -397,3 +397,27 @@ def test_a_run_that_ends_with_failed_rows_says_how_to_resend_them(tmp_path, docs
     assert done.returncode == 0, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert "failed at the LLM (http_400)" in last and "--retry-failed" in last
+
+
+def test_documents_removed_before_generation_are_in_rejects_with_their_reason(tmp_path):
+    """Issue 24 item 6: which ids were lost before any request (no text, too short) is in
+    rejects/ with the reason, not only counted; every rejects file keeps one schema."""
+    docs = make_docs(20, paragraphs=1)
+    docs["text"] = docs["text"].astype(object)
+    docs.loc[3, "text"] = None
+    docs.loc[7, "text"] = ""
+    docs.loc[11, "text"] = "Too short."
+    path = tmp_path / "docs.parquet"
+    docs.to_parquet(path, index=False, row_group_size=10)
+    out = tmp_path / "out"
+    with MockLLMServer(latency=0.001) as server:
+        report = run_to_parquet(path, out, "distill",
+                                LLMConfig(base_url=server.base_url, model="mock"),
+                                rows_per_partition=10, show_progress=False)
+    files = sorted((out / "rejects").glob("*.parquet"))
+    schemas = {tuple(pq.read_schema(f).names) for f in files}
+    rejects = pd.concat(pd.read_parquet(f) for f in files)
+    reasons = dict(zip(rejects["id"], rejects["reject_reason"]))
+    assert reasons[3] == reasons[7] == "invalid_text" and reasons[11] == "document_too_short"
+    assert len(schemas) == 1 and report["accounted"]
+    assert report["documents_not_written"]["invalid_text"] == 2

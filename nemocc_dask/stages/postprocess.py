@@ -238,6 +238,25 @@ def _with_schema(frame, columns: dict[str, str]):
     return host
 
 
+def dropped_rejects(docs, dropped, id_field: str, columns: dict[str, str]):
+    """Reject rows for the documents removed before generation (``dropped``: ``id``, ``reason``,
+    e.g. ``invalid_text``, ``document_too_short``): each document's own columns, its reason as
+    ``reject_reason``; the generated columns missing. ``columns``: ``reject_columns``'s."""
+    host = docs.to_pandas() if is_cudf(docs) else docs
+    reasons = dict(zip(dropped["id"], dropped["reason"]))
+    rows = host[host[id_field].isin(list(reasons))].copy()
+    rows[REJECT_REASON] = rows[id_field].map(reasons)
+    rows[REJECT_DETAIL] = "removed before generation: " + rows[REJECT_REASON]
+    nullable = {"int64": "Int64", "int32": "Int32", "bool": "boolean"}  # generated: missing
+    out = _with_schema(rows.reset_index(drop=True),
+                       {name: nullable.get(dtype, dtype) for name, dtype in columns.items()})
+    if is_cudf(docs):
+        import cudf
+
+        return cudf.DataFrame.from_pandas(out)
+    return out
+
+
 def postprocess_partition(df, preset: TaskPreset, tokenizer=None, id_field: str = "id",
                           seed: int = 0, return_rejects: bool = False):
     """Run the task's post-processing chain on one partition of generated rows.
