@@ -75,7 +75,6 @@ def test_a_stalled_worker_is_fenced_and_the_server_never_sees_more_than_the_budg
             resumed_at = time.monotonic()
             assert run.wait(timeout=240) == 0, (tmp_path / "run.log").read_text()
             during = [n for t, n in server.stats.in_flight_samples if t > stalled_at]
-            timeline = {round(t - stalled_at): n for t, n in server.stats.in_flight_samples}
             peak = server.stats.max_in_flight
             # the clean run: the same command, no stall, its own folder
             clean = _run([*common, "--output", str(tmp_path / "clean"), "--workers", "1"],
@@ -95,5 +94,6 @@ def test_a_stalled_worker_is_fenced_and_the_server_never_sees_more_than_the_budg
     assert peak <= BUDGET, (peak, (tmp_path / "cluster.log").read_text()[-3000:])
     assert max(during) == BUDGET  # the other worker took the stalled one's room meanwhile
     assert resumed_at - stalled_at >= 15
-    assert "after its lease" in (tmp_path / "cluster.log").read_text(), timeline  # said loudly
+    # (whether the stopped worker held room at that instant depends on timing: the warning for
+    # a late report is checked in test_budget.py on scripted reports)
     pd.testing.assert_frame_equal(_rows(tmp_path / "out"), _rows(tmp_path / "clean"))
