@@ -380,20 +380,25 @@ def _drain(client, futures, progress: Progress, where: dict) -> None:
     journaled (at most ``nemocc.drain-seconds``), then cancel what is left."""
     from distributed import wait
 
-    from nemocc_dask.llm.pool import drain_pools
-
     grace = float(dask.config.get("nemocc.drain-seconds"))
     logger.warning("SIGTERM: stopping; waiting up to %.0f s for requests in flight", grace)
-    try:
-        client.run(drain_pools, "the run is stopping (SIGTERM)")
-    except Exception as exc:
-        logger.warning("could not drain the workers' pools: %s: %s", type(exc).__name__, exc)
+    _drain_workers(client, "the run is stopping (SIGTERM)")
     with contextlib.suppress(Exception):
         wait(futures, timeout=grace)
     for future in futures:
         if future.status == "finished":
             progress.finished(where[future.key], future.result())
     client.cancel(futures)
+
+
+def _drain_workers(client, reason: str) -> None:
+    """Stop every worker's pools from sending (a failure to reach them is logged)."""
+    from nemocc_dask.llm.pool import drain_pools
+
+    try:
+        client.run(drain_pools, reason)
+    except Exception as exc:
+        logger.warning("could not drain the workers' pools: %s: %s", type(exc).__name__, exc)
 
 
 def _drain_everywhere(reason: str) -> None:
@@ -403,11 +408,7 @@ def _drain_everywhere(reason: str) -> None:
     drain_pools(reason)
     client = _distributed_client()
     if client is not None:
-        try:
-            client.run(drain_pools, reason)
-        except Exception as exc:
-            logger.warning("could not drain the workers' pools: %s: %s", type(exc).__name__,
-                           exc)
+        _drain_workers(client, reason)
 
 
 def _preempted(progress: Progress) -> Preempted:
