@@ -9,7 +9,7 @@ _os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from nemocc_dask.cluster import make_client
 from nemocc_dask.errors import Preempted, RunError, StartError
 from nemocc_dask.gpu import to_gpu
-from nemocc_dask.io import read_input
+from nemocc_dask.io import SAMPLE_PATH, read_input
 from nemocc_dask.llm import LLMConfig, MockLLMServer, PreflightError
 from nemocc_dask.nemotron_cc import run_nemotron_cc, run_nemotron_cc_to_parquet
 from nemocc_dask.pipeline import generate, postprocess, preprocess, run_task
@@ -19,7 +19,7 @@ from nemocc_dask.served_tokenizer import find_served_tokenizer
 from nemocc_dask.tokenizer import load_tokenizer, prompt_overhead_tokens
 
 __all__ = [
-    "LLMConfig", "MockLLMServer", "PRESETS", "PreflightError", "Preempted", "RunError",
+    "LLMConfig", "MockLLMServer", "PRESETS", "SAMPLE_PATH", "PreflightError", "Preempted", "RunError",
     "StartError", "TaskPreset", "find_served_tokenizer", "generate", "get_preset",
     "load_tokenizer", "make_client",
     "make_task", "postprocess", "preprocess", "prompt_overhead_tokens", "read_input",

@@ -15,8 +15,10 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
@@ -70,7 +72,10 @@ def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
                    help="the served model's context (default: what /models reports, if anything);"
                         " prompts that cannot fit with max_tokens are not sent")
     g.add_argument("--max-retries", type=int, default=5)
-    g.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    g.add_argument("--timeout", type=_timeout, default="auto",
+                   help="per-request timeout: 'auto' (default: follows the endpoint's latency "
+                        "and the task's max tokens, 30 s to 30 min, stated in the report) or "
+                        "fixed seconds")
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int, help="sent as an extra body field, only when given")
@@ -91,6 +96,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                                        "bundled Qwen2.5)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
+    p.add_argument("--cast", action="append", metavar="COLUMN=TYPE",
+                   help="one declared type (string, int64 or double) for an input column whose "
+                        "files disagree, e.g. --cast id=string (repeatable; other columns get "
+                        "one type decided from the files)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-row sampling (diverse_qa)")
     p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output")
     p.add_argument("--wait-for-lock", type=float, default=0.0, metavar="SECONDS",
@@ -125,6 +134,16 @@ def _in_flight(value: str):
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {value!r}") from None
+
+
+def _timeout(value: str):
+    """--timeout: 'auto' or a number of seconds."""
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or seconds, got {value!r}") from None
 
 
 def _serve_from_args(args):
@@ -162,6 +181,10 @@ def _llm_from_args(args) -> LLMConfig:
                          max_failed_fraction=args.max_failed_fraction)
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 @contextlib.contextmanager
 def _client(args):
     cluster = args.cluster
@@ -174,11 +197,20 @@ def _client(args):
         if (cluster or dask.config.get("nemocc.cluster")) != "slurm" or args.scheduler \
                 or args.scheduler_file:
             raise ConfigError("--adapt scales SLURM worker jobs: use it with --cluster slurm")
-    client = make_client(cluster, args.scheduler, args.scheduler_file, args.workers,
-                         args.threads_per_worker,
-                         worker_log_level=logging.WARNING if args.verbose else logging.CRITICAL,
-                         jobs=args.slurm_jobs, adapt=args.adapt, queue=args.slurm_queue,
-                         account=args.slurm_account, walltime=args.slurm_walltime)
+    # Worker processes (and the servers they start) inherit an ignored SIGINT: Ctrl-C in the
+    # terminal reaches the whole process group, and only the driver should act on it (drain,
+    # one message, then stop the cluster), not every worker with a traceback.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+    try:
+        client = make_client(cluster, args.scheduler, args.scheduler_file, args.workers,
+                             args.threads_per_worker,
+                             worker_log_level=logging.WARNING if args.verbose else
+                             logging.CRITICAL, jobs=args.slurm_jobs, adapt=args.adapt,
+                             queue=args.slurm_queue, account=args.slurm_account,
+                             walltime=args.slurm_walltime)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     try:
         yield client
     finally:
@@ -225,7 +257,7 @@ def cmd_run(args) -> int:
                                 retry_failed=args.retry_failed,
                                 rows_per_partition=args.rows_per_partition,
                                 show_progress=not args.no_progress, gpu=args.gpu,
-                                wait_for_lock=args.wait_for_lock)
+                                wait_for_lock=args.wait_for_lock, casts=args.cast)
     _print_reports({report["task"]: report}, args.output)
     return 0
 
@@ -242,7 +274,7 @@ def cmd_nemotron_cc(args) -> int:
             text_field=args.text_field, id_field=args.id_field, seed=args.seed,
             overwrite=args.overwrite, retry_failed=args.retry_failed,
             rows_per_partition=args.rows_per_partition, show_progress=not args.no_progress,
-            gpu=args.gpu, wait_for_lock=args.wait_for_lock)
+            gpu=args.gpu, wait_for_lock=args.wait_for_lock, casts=args.cast)
     _print_reports(reports, args.output)
     combined = combine(reports)
     print(json.dumps({"total": combined["total"]}, indent=1))
@@ -417,9 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     except StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Preempted as exc:
+    except Preempted as exc:  # SIGTERM (75) or Ctrl-C (130), after a drain
         print(f"stopped: {exc}", file=sys.stderr)
-        return Preempted.exit_status
+        return exc.exit_status
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

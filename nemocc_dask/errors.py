@@ -27,3 +27,9 @@ class Preempted(RunError):
     """The run stopped on SIGTERM after journaling what was in flight; a rerun resumes."""
 
     exit_status = 75  # EX_TEMPFAIL; SLURM requeues it with RequeueExit=75
+
+
+class Interrupted(Preempted):
+    """The run stopped on Ctrl-C (SIGINT) after journaling what was in flight."""
+
+    exit_status = 130  # 128 + SIGINT, what shells report for Ctrl-C

@@ -69,6 +69,23 @@ def scan(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raw.close()
 
 
+def check_complete(path: str | os.PathLike, size: int) -> None:
+    """EOFError when the gzip file ``path``, read to its end as ``size`` decompressed bytes,
+    stops before its stream does (a file cut short: indexed_gzip then just ends early). The
+    trailer's size field says so at once for one-member files; otherwise (several members, or
+    a mismatch) the file is decompressed once more with ``gzip``, which raises on a cut."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() < 18:
+            raise EOFError("shorter than a gzip header and trailer")
+        fh.seek(-4, os.SEEK_END)
+        if int.from_bytes(fh.read(4), "little") == size % 2**32:
+            return
+    with gzip.open(path, "rb") as fh:
+        while fh.read(1 << 22):
+            pass
+
+
 def _one_point_index(index: Path, offset: int) -> bytes | None:
     """An index holding only the start of the file and the last seek point at or before
     ``offset`` (read from the full index: its point table and one window); None if unreadable."""

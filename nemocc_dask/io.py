@@ -28,7 +28,7 @@ from typing import BinaryIO, Iterator
 
 import pandas as pd
 
-from nemocc_dask import gzindex, storage
+from nemocc_dask import gzindex, input_types, storage
 from nemocc_dask.errors import StartError
 from nemocc_dask.stages.backend import to_host_list
 
@@ -56,6 +56,7 @@ def _files(paths) -> list[Path]:
     files: list[Path] = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         path = storage.as_path(p)
+        storage.require_bucket(path, "input path")
         if not path.exists():
             raise InputError(f"input path {str(path)!r} does not exist")
         if path.is_dir():
@@ -133,43 +134,70 @@ def _open_at(path: str | Path, offset: int) -> Iterator[BinaryIO]:
         yield fh
 
 
-def _nonblank(raw: bytes) -> str | None:
+def _nonblank(raw: bytes, path, where: str) -> str | None:
     """A JSONL line's text, or None when it is blank. Partitioning and reading both use this
-    (split on ``\\n``, decoded as UTF-8), so they agree."""
-    line = raw.decode("utf-8")
+    (split on ``\\n``, decoded as UTF-8), so they agree. InputError naming ``path`` and
+    ``where`` (the line) for bytes that are not UTF-8."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: {where} is not valid UTF-8 (byte {exc.start} of the line: "
+                         f"{raw[max(0, exc.start - 8):exc.start + 8]!r}); re-encode the file as "
+                         "UTF-8 or remove the line") from None
     return line if line.strip() else None
 
 
-def _nonblank_lines(path: str | Path, offset: int = 0) -> Iterator[tuple[int, int, str]]:
+@contextlib.contextmanager
+def _decompressing(path):
+    """Name ``path`` in errors of a damaged or truncated gzip stream."""
+    import zlib
+
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(f"{path}: the gzip stream is truncated or corrupt ({exc}); the file was "
+                         "probably cut short while copying: copy or compress it again") from None
+
+
+def _nonblank_lines(path: str | Path, offset: int = 0,
+                    read: list | None = None) -> Iterator[tuple[int, int, str]]:
     """(byte offset, end offset, text) of each non-blank line of a JSONL file from byte
-    ``offset`` on (``.gz`` files are decompressed; their offsets count decompressed bytes)."""
-    with _open_at(path, offset) as fh:
-        for raw in fh:
-            line = _nonblank(raw)
+    ``offset`` on (``.gz`` files are decompressed; their offsets count decompressed bytes).
+    ``read``, if given, gets the offset reached at the end of the file."""
+    with _decompressing(path), _open_at(path, offset) as fh:
+        for number, raw in enumerate(fh, start=1):
+            where = f"line {number}" if offset == 0 or number > 1 else f"the line at byte {offset}"
+            line = _nonblank(raw, path, where)
             if line is not None:
                 yield offset, offset + len(raw), line
             offset += len(raw)
+    if read is not None:
+        read.append(offset)
 
 
 def _read_block(path: str, offset: int, end: int) -> bytes:
     """Bytes ``[offset, end)`` of a JSONL file, decompressed for ``.gz`` (through the seek
     index where there is one), in one read."""
-    if str(path).lower().endswith(".gz") and not storage.is_remote(storage.as_path(path)):
-        return gzindex.read_range(path, offset, end - offset)
-    with _open_at(path, offset) as fh:
-        return fh.read(end - offset)
+    with _decompressing(path):
+        if str(path).lower().endswith(".gz") and not storage.is_remote(storage.as_path(path)):
+            return gzindex.read_range(path, offset, end - offset)
+        with _open_at(path, offset) as fh:
+            return fh.read(end - offset)
 
 
 def _jsonl_pieces(path: Path, rows_per_partition: int) -> list[Piece]:
     """Line ranges of ``rows_per_partition`` non-blank lines, each with the byte range from its
     first line to its last: one pass over the file here, and each piece reads only its bytes."""
-    pieces, count, end = [], 0, 0
-    for offset, end, _ in _nonblank_lines(path):
+    pieces, count, end, read = [], 0, 0, []
+    for offset, end, _ in _nonblank_lines(path, read=read):
         if count % rows_per_partition == 0:
             if pieces:
                 pieces[-1] = dataclasses.replace(pieces[-1], end=offset)
             pieces.append(Piece(str(path), "jsonl", count, count, offset))
         count += 1
+    if str(path).lower().endswith(".gz") and not storage.is_remote(path):
+        with _decompressing(path):
+            gzindex.check_complete(path, read[0])
     if not pieces:
         return [Piece(str(path), "jsonl", 0, 0)]
     pieces[-1] = dataclasses.replace(pieces[-1], end=end)
@@ -192,7 +220,8 @@ def _piece_lines(piece: Piece) -> Iterator[str]:
         raise changed
     count = 0
     for raw in io_module.BytesIO(memoryview(block)[before:]):
-        line = _nonblank(raw)
+        line = _nonblank(raw, piece.path, f"non-blank line {piece.start + count + 1} (or the "
+                                          "blank line after it)")
         if line is not None:
             count += 1
             yield line
@@ -200,18 +229,48 @@ def _piece_lines(piece: Piece) -> Iterator[str]:
         raise changed
 
 
-def read_piece(piece: Piece, columns: list[str] | None = None) -> pd.DataFrame:
-    """Load one partition into pandas (only ``columns`` when given)."""
+def read_piece(piece: Piece, columns: list[str] | None = None,
+               types: dict[str, str] | None = None,
+               text_fields: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Load one partition into pandas (only ``columns`` when given; values in the run's
+    ``types``, see ``input_types.as_read``). InputError naming the file and rows for data that
+    cannot be read (corrupt pages, invalid JSON or UTF-8, a truncated gzip stream)."""
+    try:
+        frame = _read_rows(piece, columns)
+        if types and columns is None and list(frame.columns) != list(types) \
+                and set(frame.columns) <= set(types):  # the run's types: every column
+            frame = frame.reindex(columns=list(types))  # JSONL keys missing in this piece
+        return input_types.as_read(frame, types, text_fields)
+    except InputError:
+        raise
+    except (ValueError, TypeError, OSError, EOFError) as exc:
+        if storage.is_remote(storage.as_path(piece.path)) and not isinstance(exc, ValueError):
+            raise  # a transfer error, not the data
+        raise InputError(f"cannot read rows {piece.start}-{piece.stop} of {piece.path}: "
+                         f"{type(exc).__name__}: {exc}. Is the file damaged? Replace it or "
+                         "remove it from the input") from None
+
+
+def _read_rows(piece: Piece, columns: list[str] | None) -> pd.DataFrame:
     if piece.kind == "parquet":
         return _read_parquet_rows(piece.path, piece.start, piece.stop, columns).to_pandas()
     rows = []
     for i, line in enumerate(_piece_lines(piece), start=piece.start):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             raise InputError(f"{piece.path}: non-blank line {i + 1} is not valid JSON") from None
+        if not isinstance(row, dict):
+            kind = {"NoneType": "null", "list": "array", "str": "string", "bool": "boolean"}.get(
+                type(row).__name__, "number")
+            raise InputError(f"{piece.path}: non-blank line {i + 1} is a JSON {kind}, not an "
+                             'object ({"id": ..., "text": ...}); every line must be one document')
+        rows.append(row)
     frame = pd.DataFrame(rows)
-    return frame[columns] if columns is not None else frame
+    if columns is not None:
+        missing = [c for c in columns if c not in frame.columns]
+        return frame.reindex(columns=columns) if missing else frame[columns]
+    return frame
 
 
 def _meta(pieces: list[Piece]) -> pd.DataFrame:
@@ -280,14 +339,20 @@ def partition_map(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION) -
     return pieces
 
 
-def frame_from_pieces(pieces: list[Piece], columns: list[str] | None = None):
-    """A Dask DataFrame with one partition per piece (only ``columns`` when given)."""
+def frame_from_pieces(pieces: list[Piece], columns: list[str] | None = None,
+                      types: dict[str, str] | None = None, text_fields: tuple[str, ...] = ()):
+    """A Dask DataFrame with one partition per piece (only ``columns`` when given; values in
+    the run's ``types``, see ``read_piece``)."""
     import dask.dataframe as dd
 
     meta = _meta(pieces)
+    if types and set(meta.columns) <= set(types):
+        meta = meta.reindex(columns=list(types))
+    meta = input_types.as_read(meta, types, text_fields)
     if columns is not None:
         meta = meta[columns]
-    return dd.from_map(read_piece, pieces, columns=columns, meta=meta, enforce_metadata=False)
+    return dd.from_map(read_piece, pieces, columns=columns, types=types,
+                       text_fields=tuple(text_fields), meta=meta, enforce_metadata=False)
 
 
 def read_input(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION):
@@ -313,11 +378,12 @@ def _mtime(path) -> int:
     return getattr(stat, "st_mtime_ns", None) or int(stat.st_mtime * 1e9)
 
 
-def check_ids(ddf, id_field: str) -> int:
-    """Raise InputError if an id is missing or repeats anywhere in the input (reads the id column
-    only: per partition its row and null counts and a 64-bit hash per id, then the hashes that
-    repeat, then the ids behind them, so a hash collision is never taken for a duplicate);
-    returns the number of input rows."""
+def check_input(ddf, id_field: str, kinds: bool = False) -> tuple[int, list[dict]]:
+    """Raise InputError if an id is missing or repeats anywhere in the input; returns the number
+    of input rows and, with ``kinds``, each partition's ``input_types.python_kinds`` (JSONL: the
+    lines are parsed whole anyway). Reads the columns of ``ddf`` in one pass: per partition its
+    row and null counts and a 64-bit hash per id, then the hashes that repeat, then the ids
+    behind them, so a hash collision is never taken for a duplicate."""
     import dask
 
     def host_ids(part) -> pd.Series:
@@ -328,17 +394,18 @@ def check_ids(ddf, id_field: str) -> int:
         missing = ids.isna()
         return pd.DataFrame({"rows": [len(ids)], "nulls": [int(missing.sum())],
                              "first_null": [int(missing.values.argmax()) if missing.any()
-                                            else -1]})
+                                            else -1],
+                             "kinds": [json.dumps(input_types.python_kinds(part)) if kinds
+                                       else "{}"]})
 
     def hashes(part):
         return pd.DataFrame({"h": _id_hashes(host_ids(part))})
 
-    columns = ddf[[id_field]]
     table, counts = dask.compute(
-        columns.map_partitions(summary, meta={"rows": "int64", "nulls": "int64",
-                                              "first_null": "int64"}),
-        columns.map_partitions(hashes, meta={"h": "uint64"})["h"].value_counts(
-            split_out=max(1, columns.npartitions // 64)))
+        ddf.map_partitions(summary, meta={"rows": "int64", "nulls": "int64",
+                                          "first_null": "int64", "kinds": "object"}),
+        ddf.map_partitions(hashes, meta={"h": "uint64"})["h"].value_counts(
+            split_out=max(1, ddf.npartitions // 64)))
     table = table.reset_index(drop=True)
     nulls = table[table["nulls"] > 0]
     if len(nulls):
@@ -348,8 +415,22 @@ def check_ids(ddf, id_field: str) -> int:
                          "them in or pass another --id-field")
     repeated = set(counts[counts > 1].index)
     if repeated:
-        _raise_duplicates(columns, id_field, repeated, host_ids)
-    return int(table["rows"].sum())
+        _raise_duplicates(ddf[[id_field]], id_field, repeated, host_ids)
+    return int(table["rows"].sum()), [json.loads(k) for k in table["kinds"]]
+
+
+def parquet_types(pieces: list[Piece]) -> list[tuple[str, dict[str, str]]]:
+    """(file, {column: Arrow type name}) of every parquet file among ``pieces``, from its footer
+    (a file without rows says ``null`` for every column: it tells nothing about their values)."""
+    import pyarrow.parquet as pq
+
+    found = []
+    for path in dict.fromkeys(p.path for p in pieces if p.kind == "parquet"):
+        with storage.as_path(path).open("rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+            schema = meta.schema.to_arrow_schema()
+        found.append((path, {f.name: str(f.type) if meta.num_rows else "null" for f in schema}))
+    return found
 
 
 def _id_hashes(ids: pd.Series):
@@ -413,37 +494,60 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def naming(path):
+    """Name ``path`` in an OSError that names no file (a full disk, an I/O error), so that the
+    message says where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        if exc.errno is None:  # e.g. pyarrow's, with the errno in its text
+            raise type(exc)(f"{exc} (writing {path})") from exc
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and a rename (on an object
     store: one PUT)."""
-    if storage.is_remote(path):
-        path.write_bytes(data)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with naming(path):
+        if storage.is_remote(path):
+            path.write_bytes(data)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(path)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
 
-def atomic_write_parquet(frame, path: Path) -> None:
-    """Write a pandas/cuDF frame as parquet via a temporary file, fsync and a rename (on an
-    object store: serialised in memory, then one PUT)."""
-    if storage.is_remote(path):
-        buffer = io_module.BytesIO()
-        frame.to_parquet(buffer, index=False)
-        path.write_bytes(buffer.getvalue())
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    frame.to_parquet(tmp, index=False)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def atomic_write_parquet(frame, path: Path, types: dict[str, str] | None = None) -> None:
+    """Write a pandas/cuDF frame as parquet (its input columns in the run's ``types``, see
+    ``input_types.as_written``) via a temporary file, fsync and a rename (on an object store:
+    serialised in memory, then one PUT)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with naming(path):
+        table = frame.to_arrow(preserve_index=False) if hasattr(frame, "to_arrow") else \
+            pa.Table.from_pandas(frame, preserve_index=False)
+        table = input_types.as_written(table, types)
+        if storage.is_remote(path):
+            buffer = io_module.BytesIO()
+            pq.write_table(table, buffer)
+            path.write_bytes(buffer.getvalue())
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(path)
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
 
 def remove_stale_temps(folder: Path) -> int:

@@ -67,6 +67,7 @@ def check_output(out_dir: Path, material: dict, overwrite: bool,
     tokenizer and context), compared later.
     """
     storage.refresh(out_dir)
+    storage.require_bucket(out_dir, "output folder")
     entries = sorted(p.name for p in out_dir.iterdir()
                      if p.name not in (LOCK, GUARD, SERVE_LOGS)) if out_dir.exists() else []
     if not entries:

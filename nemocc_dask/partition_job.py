@@ -55,6 +55,8 @@ class PartitionPlan:
     seed: int = 0
     retry_failed: bool = False
     route: Route | None = None
+    input_types: dict | None = None  # the run's type per input column (``input_types``)
+    run_started: float | None = None  # when the run began (answers journaled since: this run's)
 
 
 def part_name(index: int) -> str:
@@ -134,7 +136,7 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
         generated, gen_stats = generate_partition(
             segments, plan.preset, plan.llm, plan.tokenizer,
             journal_path=str(journal_path(out, index)),
-            retry_failed=plan.retry_failed, return_stats=True)
+            retry_failed=plan.retry_failed, return_stats=True, run_started=plan.run_started)
     with timed(seconds, "postprocess"):
         kept, rejects = postprocess_partition(generated, plan.preset, plan.tokenizer,
                                               plan.id_field, plan.seed, return_rejects=True)
@@ -155,6 +157,7 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
         "rows_rejected": dict(Counter(to_host_list(rejects[REJECT_REASON]))),
         "requests": gen_stats["requests"], "attempts": gen_stats["attempts"],
         "retries": gen_stats["retries"], "reused_answers": gen_stats["reused_answers"],
+        "lost_attempt_answers": gen_stats["lost_attempt_answers"],
         "journal_lines_skipped": gen_stats["journal_lines_skipped"],
         "duplicate_prompts": gen_stats["duplicate_prompts"],
         "failed_requests": gen_stats["failed_requests"], "recovered": gen_stats["recovered"],
@@ -167,8 +170,9 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
         "endpoints": gen_stats["endpoints"], "seconds": round(time.time() - started, 3),
         "stage_seconds": {stage: round(t, 4) for stage, t in seconds.items()},
     }
-    atomic_write_parquet(rejects, out / "rejects" / f"{part_name(index)}.parquet")
-    atomic_write_parquet(kept, part_path(out, index))
+    atomic_write_parquet(rejects, out / "rejects" / f"{part_name(index)}.parquet",
+                         plan.input_types)
+    atomic_write_parquet(kept, part_path(out, index), plan.input_types)
     stats["part_bytes"], stats["part_sha256"] = file_digest(part_path(out, index))
     atomic_write_bytes(stats_path(out, index), json.dumps(stats, indent=1).encode())  # last
     Journal(journal_path(out, index)).compact()  # a damaged part is redone from it, unpaid

@@ -62,6 +62,12 @@ def this_run(stats: list[dict], started: float, wall_seconds: float) -> dict:
     runs into the same folder did: requests, answers reused, tokens, wall time, throughput."""
     mine = [s for s in stats if float(s.get("finished_at", 0)) >= started]
     out = {key: sum(int(s.get(key, 0)) for s in mine) for key in _THIS_RUN}
+    # answers an attempt of this run paid for and journaled before it died (a killed worker)
+    # were reused by the attempt that finished: they are this run's requests, not earlier runs'
+    lost = sum(int(s.get("lost_attempt_answers", 0)) for s in mine)
+    out["requests"] += lost
+    out["reused_answers"] -= lost
+    out["requests_of_lost_attempts"] = lost
     out["partitions"] = len(mine)
     out["wall_seconds"] = round(wall_seconds, 3)
     out["completion_tokens_per_second"] = (round(out["completion_tokens"] / wall_seconds, 1)
@@ -98,6 +104,10 @@ def aggregate(stats: list[dict], wall_seconds: float, partitions_skipped: int = 
                "mean_latency_s": round(ep["latency_sum"] / ep["requests"], 4) if ep["requests"]
                else None}
         for name, ep in sorted(endpoints.items())}
+    for s in sorted(stats, key=lambda s: s.get("finished_at", 0)):  # the latest one stays
+        for name, ep in s.get("endpoints", {}).items():
+            if ep.get("timeout_seconds") is not None:
+                report["endpoints"][name]["timeout_seconds"] = ep["timeout_seconds"]
     report["partitions"] = len(stats)
     report["partitions_skipped"] = partitions_skipped
     report["wall_seconds"] = round(wall_seconds, 3)

@@ -21,9 +21,9 @@ from typing import Any
 
 import dask
 
-from nemocc_dask import io, output_folder
-from nemocc_dask.errors import ConfigError, Preempted, RunError, StartError
-from nemocc_dask.gpu import to_gpu
+from nemocc_dask import input_types, io, output_folder
+from nemocc_dask.errors import ConfigError, Interrupted, Preempted, RunError, StartError
+from nemocc_dask.gpu import require_gpu, to_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.generate import prompt_limit
 from nemocc_dask.llm.preflight import preflight
@@ -257,8 +257,8 @@ def _read_input_cache(out_dir: Path) -> dict | None:
 
 
 def _load_input(data, rows_per_partition: int, id_field: str, cache: dict | None):
-    """(frame, id-only frame, run identity of the input, number of partitions, the pieces of
-    input files or None for a DataFrame, the input cache to keep). Input files that have not
+    """(frame, run identity of the input, number of partitions, the pieces of input files or
+    None for a DataFrame, the input cache to keep). Input files that have not
     changed since ``cache`` was written are not read again to partition them."""
     if isinstance(data, (str, Path, list, tuple)):
         identities = io.file_identities(data)
@@ -268,22 +268,35 @@ def _load_input(data, rows_per_partition: int, id_field: str, cache: dict | None
             cache = {"files": identities, "rows_per_partition": rows_per_partition,
                      "pieces": [dataclasses.asdict(p) for p in pieces]}
         ddf = io.frame_from_pieces(pieces)
-        ids = io.frame_from_pieces(pieces, [id_field]) if id_field in ddf.columns else None
-        return ddf, ids, io.input_fingerprint(data, pieces), len(pieces), pieces, cache
-    return (data, None, {"dask_token": dask.base.tokenize(data)}, data.npartitions, None,
-            None)
+        return ddf, io.input_fingerprint(data, pieces), len(pieces), pieces, cache
+    return data, {"dask_token": dask.base.tokenize(data)}, data.npartitions, None, None
 
 
-def _checked_ids(ddf, ids, id_field: str, cache: dict | None) -> int:
-    """The input's row count, after checking its ids (``io.check_ids``) unless the cache says
-    these very files passed that check for ``id_field``."""
+def _checked_input(ddf, pieces, id_field: str, cache: dict | None, casts: dict[str, str],
+                   text_fields: tuple[str, ...], read_all: bool):
+    """(the input's row count, the run's column types or None for a DataFrame input) after
+    checking its ids (``io.check_input``) and deciding one type per column
+    (``input_types.decide``), unless the cache says these very files passed for ``id_field``
+    and ``casts``. ``read_all``: read every column's every page (before ``--overwrite``
+    deletes an earlier run), cache or not."""
+    if pieces is None:
+        return io.check_input(ddf[[id_field]], id_field)[0], None
     checked = (cache or {}).get("ids") or {}
-    if checked.get("field") == id_field:
-        return int(checked["rows"])
-    rows = io.check_ids(ids if ids is not None else ddf, id_field)
-    if cache is not None:
-        cache["ids"] = {"field": id_field, "rows": rows}
-    return rows
+    if not read_all and checked.get("field") == id_field and checked.get("casts") == casts \
+            and "observed" in checked:
+        rows, observed = int(checked["rows"]), checked["observed"]
+    else:
+        jsonl = any(p.kind == "jsonl" for p in pieces)  # parsed whole anyway: types as well
+        columns = None if read_all or jsonl else [id_field]
+        frame = io.frame_from_pieces(pieces, columns, types=casts, text_fields=text_fields)
+        rows, kinds = io.check_input(frame, id_field, kinds=jsonl)
+        observed = io.parquet_types(pieces) + [
+            (f"{p.path} (lines {p.start + 1}-{p.stop})", k)
+            for p, k in zip(pieces, kinds) if p.kind == "jsonl"]
+        if cache is not None:
+            cache["ids"] = {"field": id_field, "rows": rows, "casts": casts,
+                            "observed": observed}
+    return rows, input_types.decide([tuple(o) for o in observed], id_field, text_fields, casts)
 
 
 def _with_served_context(job: Job, context: int | None) -> Job:
@@ -354,51 +367,91 @@ def _register_pool_plugin() -> None:
 
 
 class StopRequested(BaseException):
-    """Raised in the driver's main thread by SIGTERM while partitions run."""
+    """Raised in the driver's main thread by SIGTERM or Ctrl-C (SIGINT) while partitions run."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return "Ctrl-C" if self.signum == signal.SIGINT else signal.Signals(self.signum).name
+
+    def stopped(self, message: str) -> Preempted:
+        """The error the run ends with: exit 130 for Ctrl-C, 75 (requeue) for SIGTERM."""
+        kind = Interrupted if self.signum == signal.SIGINT else Preempted
+        return kind(f"{self.name}: {message}")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def sigterm_stops_the_run():
-    """While partitions run, SIGTERM raises StopRequested in the main thread (elsewhere, or
-    off the main thread, signals keep their handlers)."""
+def signals_stop_the_run():
+    """While partitions run, SIGTERM or Ctrl-C raises StopRequested in the main thread (a
+    second Ctrl-C, once the handlers are restored, interrupts the drain itself). Elsewhere, or
+    off the main thread, signals keep their handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, frame):
-        raise StopRequested()
+        raise StopRequested(signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def _drain(client, futures, progress: Progress, where: dict) -> None:
+def _drain(client, futures, progress: Progress, where: dict, stop: StopRequested) -> Preempted:
     """Stop every worker's pools from sending more, let what is on the wire be answered and
-    journaled (at most ``nemocc.drain-seconds``), then cancel what is left."""
+    journaled (at most ``nemocc.drain-seconds``), then cancel what is left. Returns the error
+    that ends the run, saying what was kept."""
     from distributed import wait
 
+    from nemocc_dask.llm.pool import requests_in_flight
+
     grace = float(dask.config.get("nemocc.drain-seconds"))
-    logger.warning("SIGTERM: stopping; waiting up to %.0f s for requests in flight", grace)
-    _drain_workers(client, "the run is stopping (SIGTERM)")
+    logger.warning("%s: stopping; waiting up to %.0f s for the requests in flight", stop.name,
+                   grace)
+    in_flight = _drain_workers(client, f"the run is stopping ({stop.name})")
     with contextlib.suppress(Exception):
         wait(futures, timeout=grace)
     for future in futures:
         if future.status == "finished":
             progress.finished(where[future.key], future.result())
+    left = in_flight
+    with contextlib.suppress(Exception):
+        left = sum(client.run(requests_in_flight).values())
     client.cancel(futures)
+    return stop.stopped(_what_was_kept(progress, in_flight, left))
 
 
-def _drain_workers(client, reason: str) -> None:
-    """Stop every worker's pools from sending (a failure to reach them is logged)."""
+def _what_was_kept(progress: Progress, in_flight: int, left: int) -> str:
+    kept = f"{progress.done} of {progress.total} partitions finished"
+    if in_flight:
+        kept += (f"; of the {in_flight} requests in flight, {in_flight - left} were answered "
+                 "and journaled")
+        if left:
+            kept += f" and {left} were not (they are sent again on resume)"
+    else:
+        kept += "; no request was in flight"
+    return kept + ". Rerun the same command (or requeue the job) to resume"
+
+
+def _drain_workers(client, reason: str) -> int:
+    """Stop every worker's pools from sending (a failure to reach them is logged); returns the
+    requests in flight on the workers at that moment."""
     from nemocc_dask.llm.pool import drain_pools
 
     try:
-        client.run(drain_pools, reason)
+        return sum(client.run(drain_pools, reason).values())
     except Exception as exc:
         logger.warning("could not drain the workers' pools: %s: %s", type(exc).__name__, exc)
+        return 0
 
 
 def _drain_everywhere(reason: str) -> None:
@@ -411,19 +464,13 @@ def _drain_everywhere(reason: str) -> None:
         _drain_workers(client, reason)
 
 
-def _preempted(progress: Progress) -> Preempted:
-    return Preempted(f"{progress.done} of {progress.total} partitions finished; the answers in "
-                     "flight were journaled. Rerun the same command (or requeue the job) to "
-                     "resume")
-
-
 def _compute_here(tasks: list, out_dirs: list[Path], progress: Progress) -> None:
     """Without a distributed client: Dask's local scheduler in a thread, each partition counted
     as it finishes. SIGTERM (or Ctrl-C) drains this process's pools: nothing more is sent, what
     is on the wire is answered and journaled (at most ``nemocc.drain-seconds``)."""
     from dask.callbacks import Callback
 
-    from nemocc_dask.llm.pool import drain_pools
+    from nemocc_dask.llm.pool import drain_pools, requests_in_flight
 
     where = {task.key: out_dir for task, out_dir in zip(tasks, out_dirs)}
 
@@ -445,18 +492,19 @@ def _compute_here(tasks: list, out_dirs: list[Path], progress: Progress) -> None
     thread = threading.Thread(target=run, daemon=True, name="nemocc-compute")
     thread.start()
     try:
-        with sigterm_stops_the_run():
+        with signals_stop_the_run():
             while thread.is_alive():
                 thread.join(0.2)
     except BaseException as exc:
         grace = float(dask.config.get("nemocc.drain-seconds"))
-        logger.warning("%s: stopping; waiting up to %.0f s for requests in flight",
-                       "SIGTERM" if isinstance(exc, StopRequested) else type(exc).__name__,
+        logger.warning("%s: stopping; waiting up to %.0f s for the requests in flight",
+                       exc.name if isinstance(exc, StopRequested) else type(exc).__name__,
                        grace)
-        drain_pools("the run is stopping")
+        in_flight = drain_pools("the run is stopping")
         thread.join(grace)
         if isinstance(exc, StopRequested):
-            raise _preempted(progress) from None
+            raise exc.stopped(_what_was_kept(progress, in_flight, requests_in_flight())
+                              ) from None
         raise
     if "error" in outcome:
         raise outcome["error"]
@@ -480,12 +528,11 @@ def _compute(tasks: list, out_dirs: list[Path], progress: Progress) -> None:
     futures = client.compute(tasks)
     where = {future.key: out_dir for future, out_dir in zip(futures, out_dirs)}
     try:
-        with sigterm_stops_the_run():
+        with signals_stop_the_run():
             for future in as_completed(futures):
                 progress.finished(where[future.key], future.result())
-    except StopRequested:
-        _drain(client, futures, progress, where)
-        raise _preempted(progress) from None
+    except StopRequested as stop:
+        raise _drain(client, futures, progress, where, stop) from None
     except BaseException:
         client.cancel(futures)
         raise
@@ -547,7 +594,7 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
              seed: int = 0, overwrite: bool = False, retry_failed: bool = False,
              rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
              show_progress: bool = True, gpu: bool = False,
-             wait_for_lock: float = 0.0) -> dict[str, dict]:
+             wait_for_lock: float = 0.0, casts=None) -> dict[str, dict]:
     """Run several tasks over one input read once; returns each job's report by task name.
 
     Everything that can be checked is checked before the first request and before any output
@@ -558,16 +605,22 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
     fails (e.g. the failure budget stopped an endpoint) or the counts do not add up, LockLost
     when another run takes an output folder meanwhile (this run stops sending at once).
     ``wait_for_lock``: seconds to wait for another run to release an output folder.
+    ``casts``: {column: "string" | "int64" | "double"} (or ``["id=string"]``), one declared type
+    for a column whose input files disagree; other columns get one type decided from the files
+    (``input_types``), and every part is written in those types.
     """
     with contextlib.ExitStack() as servers:
         started = time.time()
         with start_checks():
             _refuse_output_inside_input(data, jobs)
+            casts = input_types.parse_casts(casts)
             cache = _read_input_cache(jobs[0].out_dir)
-            ddf, ids, inputs, n_parts, pieces, cache = _load_input(data, rows_per_partition,
-                                                                   id_field, cache)
+            ddf, inputs, n_parts, pieces, cache = _load_input(data, rows_per_partition,
+                                                              id_field, cache)
+            if casts:
+                inputs = dict(inputs, casts=casts)
             if gpu:
-                ddf = to_gpu(ddf)
+                require_gpu()
             for job in jobs:
                 needed = {"id": id_field, "text": job.preset.input_field}
                 if job.route is not None:
@@ -591,7 +644,13 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                                                       seed, id_field) for job in jobs}
             modes = {job.preset.name: check_output(job.out_dir, materials[job.preset.name],
                                                    overwrite) for job in jobs}
-            input_rows = _checked_ids(ddf, ids, id_field, cache)
+            text_fields = tuple(dict.fromkeys(job.preset.input_field for job in jobs))
+            input_rows, types = _checked_input(ddf, pieces, id_field, cache, casts, text_fields,
+                                               read_all="replace" in modes.values())
+            if types is not None:
+                ddf = io.frame_from_pieces(pieces, types=types, text_fields=text_fields)
+            if gpu:
+                ddf = to_gpu(ddf)
         for job in jobs:
             logger.info("task %s: %d partitions, endpoint(s) %s, model %r, tokenizer %s, "
                         "output %s", job.preset.name, n_parts, ", ".join(job.llm.endpoints),
@@ -613,7 +672,7 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
             parts = ddf.to_delayed()
             plans = {job.preset.name: PartitionPlan(job.preset, job.llm, str(job.out_dir),
                                                     tokenizers[job.preset.name], id_field, seed,
-                                                    retry_failed, job.route)
+                                                    retry_failed, job.route, types, started)
                      for job in jobs}
             tasks, out_dirs, pending, redone = _schedule(jobs, parts, plans, retry_failed)
             if any(redone.values()):
@@ -657,6 +716,7 @@ def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: 
     report["tokenizer"] = tokenizer_name(tokenizer)
     report["served_context"] = job.llm.max_model_len
     report["max_in_flight"] = job.llm.max_in_flight
+    report["request_timeout"] = job.llm.timeout  # "auto": each endpoint's in endpoints[...]
     report["endpoint_series"] = {name: series[name] for name in job.llm.endpoints
                                  if name in series}
     if served is not None:
@@ -675,7 +735,7 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, *,
                    overwrite: bool = False, retry_failed: bool = False,
                    rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
                    show_progress: bool = True, gpu: bool = False,
-                   wait_for_lock: float = 0.0, **overrides) -> dict:
+                   wait_for_lock: float = 0.0, casts=None, **overrides) -> dict:
     """Run one task over ``data`` (paths or a Dask DataFrame) into ``output``, resumably.
 
     Layout: ``parts/`` (kept rows, one parquet file per input partition), ``rejects/`` (removed
@@ -684,7 +744,7 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, *,
     in finished partitions and rewrites those partitions. Returns the report. ``gpu=True`` runs
     the stages on cuDF partitions (GPUError at once where there is no usable GPU).
     ``wait_for_lock``: seconds to wait while another run holds ``output`` (a requeued job that
-    starts while the old one drains) before refusing.
+    starts while the old one drains) before refusing. ``casts``: see ``run_jobs``.
     """
     with start_checks():
         preset = resolve_task(task, text_field, **overrides)
@@ -692,4 +752,4 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, *,
     return run_jobs(data, [job], tokenizer=tokenizer, id_field=id_field, seed=seed,
                     overwrite=overwrite, retry_failed=retry_failed,
                     rows_per_partition=rows_per_partition, show_progress=show_progress,
-                    gpu=gpu, wait_for_lock=wait_for_lock)[preset.name]
+                    gpu=gpu, wait_for_lock=wait_for_lock, casts=casts)[preset.name]

@@ -43,6 +43,18 @@ def is_remote(path) -> bool:
     return getattr(path, "protocol", "") not in ("", "file", "local")
 
 
+def require_bucket(path, what: str) -> None:
+    """ConfigError when ``path`` is on an object store whose bucket (container) does not exist
+    or cannot be seen with these credentials; nothing for local paths."""
+    if not is_remote(path):
+        return
+    bucket = path.path.split("/")[0]
+    if not path.fs.exists(bucket):
+        raise ConfigError(f"{what} {str(path)!r}: bucket {bucket!r} does not exist or these "
+                          "credentials cannot see it; create it, or check the URL and the "
+                          "credentials/endpoint settings (e.g. AWS_ENDPOINT_URL, AWS_PROFILE)")
+
+
 def refresh(path) -> None:
     """Forget cached listings of a remote filesystem (other processes wrote to it meanwhile)."""
     if is_remote(path):

@@ -183,11 +183,12 @@ def test_nemotron_cc_cli_end_to_end_with_resume(tmp_path):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 120
-        while time.time() < deadline and not list(out.glob("*/parts/*.parquet")):
+        while time.time() < deadline and not list(out.glob("*/stats/*.json")):
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        done_before = {p.relative_to(out) for p in out.glob("*/parts/*.parquet")}
+        # finished partitions: stats are written last (a part without them is redone)
+        done_before = {p.relative_to(out) for p in out.glob("*/stats/*.json")}
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     combined = json.loads((out / "report.json").read_text())

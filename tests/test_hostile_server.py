@@ -26,9 +26,10 @@ KEY = "sk-test-0123456789abcdef"
 class HostileServer:
     """chat/completions answers as ``mode`` says; GET /v1/models trickles with ``trickle``."""
 
-    def __init__(self, mode: str, trickle: bool = False):
-        self.mode, self.trickle = mode, trickle
+    def __init__(self, mode: str, trickle: bool = False, delay: float = 0.0):
+        self.mode, self.trickle, self.delay = mode, trickle, delay
         self.sent_bytes = 0
+        self.calls = 0
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -46,6 +47,11 @@ class HostileServer:
             except (ConnectionResetError, RuntimeError):
                 pass
             return response
+        self.calls += 1
+        if self.mode == "stall" and self.calls == 25:  # one request is never answered
+            self.released = asyncio.Event()
+            await self.released.wait()  # (until the server closes)
+        await asyncio.sleep(self.delay)
         content = 7 if self.mode == "int" else f"Here is the key {KEY} and the answer."
         user = body["messages"][-1]["content"]
         return web.json_response({"choices": [{"message": {"content": content if
@@ -82,6 +88,8 @@ class HostileServer:
         return self
 
     def __exit__(self, *exc):
+        if getattr(self, "released", None) is not None:
+            self.loop.call_soon_threadsafe(self.released.set)
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
 
@@ -130,3 +138,45 @@ def test_a_trickled_model_list_cannot_hold_the_start_check():
         with pytest.raises(PreflightError, match="did not answer GET /models within 6 s"):
             preflight(LLMConfig(base_url=server.base_url, model="m"), timeouts=(2.0, 4.0))
         assert time.monotonic() - started < 6 + 2 * 1.5  # each wait ends within a byte's gap
+
+
+def _many(llm, n: int, max_tokens: int = 600):
+    pool = new_pool(llm, 4)
+    try:
+        started = time.monotonic()
+        results = list(pool.stream([Request(f"k{i}", [{"role": "user", "content": f"q{i}"}],
+                                            {"model": "m", "max_tokens": max_tokens})
+                                    for i in range(n)]))
+        return results, time.monotonic() - started, pool.timeouts()
+    finally:
+        pool.close()
+
+
+def test_the_automatic_timeout_gives_up_on_a_stalled_request_at_the_servers_pace(monkeypatch):
+    """Issue 28 item 3: a request the server never answers is given up on after a limit that
+    follows the endpoint's answers (here 0.05 s each: the floor), then resent and answered,
+    instead of waiting out a fixed timeout."""
+    from nemocc_dask.llm import timeouts
+
+    monkeypatch.setattr(timeouts, "FLOOR_SECONDS", 1.0)
+    with HostileServer("stall", delay=0.05) as server:
+        results, elapsed, limits = _many(LLMConfig(base_url=server.base_url, model="m",
+                                                   max_retries=2), 40, max_tokens=20)
+    assert all(r.error is None for r in results)
+    assert sum(r.retried.count("timeout") for r in results) == 1
+    assert elapsed < 20 and limits[server.base_url] == 1.0
+
+
+def test_the_automatic_timeout_grows_with_a_slow_server_where_a_fixed_one_cuts(monkeypatch):
+    """A slow (CPU-like) server: answers of 9 tokens in 0.6 s predict a 600-token answer in
+    40 s, so the automatic limit is minutes while a fixed --timeout 0.4 fails every request."""
+    from nemocc_dask.llm import timeouts
+
+    monkeypatch.setattr(timeouts, "MIN_ANSWERS", 4)
+    with HostileServer("slow", delay=0.6) as server:
+        auto, _, limits = _many(LLMConfig(base_url=server.base_url, model="m", max_retries=0), 12)
+        fixed, _, none = _many(LLMConfig(base_url=server.base_url, model="m", max_retries=0,
+                                         timeout=0.4), 4)
+    assert all(r.error is None for r in auto)
+    assert 3 * 0.6 * 600 / 9 <= limits[server.base_url] <= timeouts.CEILING_SECONDS
+    assert all(r.error_class == "timeout" for r in fixed) and none == {}

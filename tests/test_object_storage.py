@@ -126,3 +126,23 @@ def test_unknown_protocol_is_a_clear_start_error():
 
     with pytest.raises(StartError, match="fsspec backend"):
         as_path("nosuchfs://bucket/folder")
+
+
+def test_a_missing_bucket_is_exit_2_naming_it(s3, tmp_path):
+    """Issue 24 item 8: an output (or input) in a bucket that does not exist is refused at start
+    with the bucket named, not exit 1 after the run has begun."""
+    local = tmp_path / "docs.parquet"
+    make_docs(10).to_parquet(local)
+    with MockLLMServer() as server:
+        common = ["run", "--task", "distill", "--base-url", server.base_url, "--model", "mock",
+                  "--workers", "1", "--no-progress"]
+        out = subprocess.run(_cli(*common, "--input", str(local), "--output", "s3://nosuch/out"),
+                             capture_output=True, text=True, timeout=300)
+        inp = subprocess.run(_cli(*common, "--input", "s3://nosuch/in/", "--output",
+                                  str(tmp_path / "out")), capture_output=True, text=True,
+                             timeout=300)
+        assert server.stats.requests == 0
+    for proc, what in ((out, "output folder"), (inp, "input path")):
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"{what} 's3://nosuch/" in proc.stderr and "bucket 'nosuch' does not exist" \
+            in proc.stderr, proc.stderr[-2000:]

@@ -134,10 +134,17 @@ def test_lost_worker_loses_nothing(tmp_path, docs_parquet):
 
         killer = threading.Thread(target=kill_one_worker)
         killer.start()
+        before = server.stats.requests
         report = run_to_parquet(docs_parquet, out, "knowledge_list", llm, rows_per_partition=10,
                                 show_progress=False)
         killer.join()
+        sent = server.stats.requests - before
     assert at_kill.get("done") and at_kill["finished"] < 6  # the kill landed mid-run
+    # issue 23 item 6: the killed attempt's answers are this run's requests (the folder was new:
+    # nothing is reused from an earlier run); only those on the wire at the kill are uncounted
+    mine = report["this_run"]
+    assert mine["reused_answers"] == 0 and mine["requests_of_lost_attempts"] > 0
+    assert reference["requests"] <= mine["requests"] <= sent
     key = ["id", "segment_id"]
     got = read_parts(out).sort_values(key).reset_index(drop=True)
     expected = read_parts(tmp_path / "reference").sort_values(key).reset_index(drop=True)
@@ -340,7 +347,7 @@ def test_a_resume_does_not_read_unchanged_input_again(tmp_path, llm_server, monk
     server, llm = llm_server
     path = tmp_path / "docs.jsonl"
     make_docs(30).to_json(path, orient="records", lines=True)
-    calls = {"partition_map": 0, "check_ids": 0}
+    calls = {"partition_map": 0, "check_input": 0}
     for name in calls:
         real = getattr(io, name)
 
@@ -350,10 +357,10 @@ def test_a_resume_does_not_read_unchanged_input_again(tmp_path, llm_server, monk
         monkeypatch.setattr(io, name, counted)
     first = run_to_parquet(path, tmp_path / "out", "distill", llm, rows_per_partition=10,
                            show_progress=False)
-    assert calls == {"partition_map": 1, "check_ids": 1}
+    assert calls == {"partition_map": 1, "check_input": 1}
     again = run_to_parquet(path, tmp_path / "out", "distill", llm, rows_per_partition=10,
                            show_progress=False)
-    assert calls == {"partition_map": 1, "check_ids": 1}  # nothing read again
+    assert calls == {"partition_map": 1, "check_input": 1}  # nothing read again
     assert again["partitions_skipped"] == 3 and again["input_rows"] == first["input_rows"] == 30
     with open(path, "a") as fh:  # the input changed: it is read again (and the run refused)
         fh.write('{"id": 99, "text": "one more document"}\n')

@@ -5,6 +5,7 @@ one that dies, stops them all at the end, and refuses to start when a server can
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -209,23 +210,33 @@ def test_cli_command_not_found_is_exit_2_with_the_fix(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_sigterm_stops_the_run_and_every_server(tmp_path):
+@pytest.mark.parametrize("stop, status", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_cli_sigterm_or_ctrl_c_stops_the_run_and_every_server(tmp_path, stop, status):
+    """Issue 28 item 5: SIGTERM, or Ctrl-C sent to the whole process group as a terminal does,
+    ends with one short message that says how many of the requests in flight were kept (no
+    worker tracebacks), and no server is left running."""
     make_docs(200).to_parquet(tmp_path / "docs.parquet")
     marker = f"served-{uuid.uuid4().hex[:8]}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "nemocc_dask.cli", "run", "--task", "knowledge_list", "--input",
          str(tmp_path / "docs.parquet"), "--output", str(tmp_path / "out"), "--serve",
          MOCK + f" --latency 0.5 --model {marker}", "--model", marker, "--workers", "2",
-         "--no-progress"], stderr=subprocess.PIPE, text=True)
+         "--no-progress"], stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list((tmp_path / "out" / "journal").glob("*")):
-        time.sleep(0.5)
+    while time.monotonic() < deadline and not any(
+            p.stat().st_size for p in (tmp_path / "out" / "journal").glob("*")):
+        time.sleep(0.5)  # answers are arriving: requests are in flight
     pattern = rf"serve-mock --host [0-9.]+ --port [0-9]+ --latency 0.5 --model {marker}"
     servers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
     assert len(servers.split()) == 2  # the servers, not the driver (its command has {port})
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, stop) if stop == signal.SIGINT else proc.send_signal(stop)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, err
+    assert proc.returncode == status, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"stopped: (SIGTERM|Ctrl-C): \d+ of \d+ partitions finished; of the \d+ "
+                        r"requests in flight, \d+ were answered and journaled.*resume", last), last
     assert subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 1
 
 

@@ -49,4 +49,8 @@ def test_run_warns_when_the_served_context_is_smaller_than_the_task_needs(tmp_pa
         assert server.stats.rejected_400 == 0
     assert "needs a context of 3600 tokens" in caplog.text and "served with 2000" in caplog.text
     assert report["failed_by_class"] == {"prompt_too_long": 1} and report["accounted"]
+    rejects = pd.read_parquet(tmp_path / "out" / "rejects")  # stored with its own reason
+    assert rejects["reject_reason"].tolist().count("prompt_too_long") == 1
+    assert "llm_error" not in rejects["reject_reason"].tolist()
+    assert report["documents_not_written"]["prompt_too_long"] == 1
     assert report["served_context"] == 2000 and report["tokenizer"].startswith("qwen2.5")

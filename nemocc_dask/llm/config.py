@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from nemocc_dask.llm import timeouts
 from nemocc_dask.presets import TaskPreset
 
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "n")
@@ -45,8 +46,13 @@ class LLMConfig:
         With ``"auto"``: the hard ceiling per endpoint across the cluster (default 4096).
     max_in_flight_per_worker:
         Instead, a fixed number per endpoint on each worker (the total is then workers x this).
-    timeout, max_retries, backoff_base, backoff_max:
-        Per-request timeout (s); retries after the first attempt for 429/408/5xx/timeouts/connection
+    timeout:
+        ``"auto"`` (default): each request's limit follows the endpoint's observed latency and the
+        request's ``max_tokens`` (see ``nemocc_dask.llm.timeouts``: 30 s to 30 min, 3x the
+        full-length latency the recent answers predict), stated in the report. A number: that many
+        seconds per request, fixed.
+    max_retries, backoff_base, backoff_max:
+        Retries after the first attempt for 429/408/5xx/timeouts/connection
         errors, with exponential backoff ``backoff_base * 2**k`` (jittered, capped at
         ``backoff_max``, at least ``Retry-After``).
     temperature, top_p, top_k, max_tokens, seed, stop, n, extra_body:
@@ -80,7 +86,7 @@ class LLMConfig:
     max_in_flight: int | str = "auto"
     max_in_flight_cap: int = 4096
     max_in_flight_per_worker: int | None = None
-    timeout: float = 120.0
+    timeout: float | str = "auto"
     max_retries: int = 5
     backoff_base: float = 0.5
     backoff_max: float = 30.0
@@ -132,6 +138,10 @@ class LLMConfig:
             raise ValueError(f"failure_min_requests must be >= 1 (got {self.failure_min_requests})")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len})")
+        if self.timeout != "auto" and not (isinstance(self.timeout, (int, float))
+                                           and self.timeout > 0):
+            raise ValueError(f"timeout must be 'auto' or a number of seconds > 0 (got "
+                             f"{self.timeout!r})")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0 (got {self.max_retries})")
 
@@ -139,6 +149,17 @@ class LLMConfig:
     def auto_window(self) -> bool:
         """Whether each endpoint's window is learned (``max_in_flight="auto"``)."""
         return self.max_in_flight == "auto"
+
+    @property
+    def adaptive_timeout(self) -> bool:
+        """Whether each request's timeout follows the endpoint's latency (``timeout="auto"``)."""
+        return self.timeout == "auto"
+
+    @property
+    def client_timeout(self) -> float:
+        """The limit a client itself enforces: the fixed timeout, or the automatic one's
+        ceiling."""
+        return timeouts.CEILING_SECONDS if self.adaptive_timeout else float(self.timeout)
 
     @property
     def in_flight_total(self) -> int:

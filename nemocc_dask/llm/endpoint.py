@@ -16,6 +16,7 @@ from typing import Any
 
 from nemocc_dask.llm.concurrency import Tally
 from nemocc_dask.llm.telemetry import EndpointSeries
+from nemocc_dask.llm.timeouts import AdaptiveTimeout
 
 CONNECTION_FAILURES_BEFORE_COOLDOWN = 3
 
@@ -23,9 +24,11 @@ CONNECTION_FAILURES_BEFORE_COOLDOWN = 3
 class Endpoint:
     """One endpoint's client, granted cap, lease, report counters and health."""
 
-    def __init__(self, name: str, client: Any, ceiling: int, auto: bool):
+    def __init__(self, name: str, client: Any, ceiling: int, auto: bool,
+                 timeout: AdaptiveTimeout | None = None):
         self.name = name
         self.client = client
+        self.timeout = timeout  # the automatic request timeout, if the config asks for one
         self.ceiling = ceiling
         self.auto = auto
         self.cap = 0
@@ -106,6 +109,8 @@ class Endpoint:
         self.consecutive_connection_failures = 0
         self.answers += 1
         self._tallies.setdefault(tag, Tally()).add(latency, tokens)
+        if self.timeout is not None:
+            self.timeout.on_answer(latency, tokens)
         per_token = latency / max(1, tokens)
         self.unloaded = per_token if self.unloaded is None else min(self.unloaded, per_token)
         self.per_token = per_token if self.per_token is None else (

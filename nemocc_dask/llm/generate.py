@@ -15,7 +15,7 @@ import time
 from typing import Iterator
 
 from nemocc_dask import storage
-from nemocc_dask.io import atomic_write_bytes
+from nemocc_dask.io import atomic_write_bytes, naming
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.pool import Request, Result, get_pool
 from nemocc_dask.llm.preflight import preflight_once
@@ -184,12 +184,21 @@ def _record(result: Result) -> dict:
             "error": error, "error_class": error_class,
             "endpoint": result.endpoint, "latency": round(result.latency, 4),
             "attempts": result.attempts, "failed_endpoints": result.failed_endpoints,
-            "retried": dict(collections.Counter(result.retried))}
+            "retried": dict(collections.Counter(result.retried)),
+            "at": round(time.time(), 3)}
+
+
+def _answered_at(record: dict) -> float:
+    """When a journaled answer arrived (epoch seconds; 0 for records without the time)."""
+    try:
+        return float(record.get("at") or 0)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def new_stats() -> dict:
     return {"requests": 0, "attempts": 0, "retries": 0, "reused_answers": 0, "duplicate_prompts": 0,
-            "journal_lines_skipped": 0,
+            "journal_lines_skipped": 0, "lost_attempt_answers": 0,
             "failed_requests": 0, "recovered": 0, "failed_by_class": collections.Counter(),
             "retries_by_class": collections.Counter(), "endpoints": {}}
 
@@ -208,7 +217,8 @@ def _count_endpoint(stats: dict, record: dict) -> None:
 def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
                        journal_path: str | None = None, retry_failed: bool = False,
                        return_stats: bool = False, check_endpoint: bool = False,
-                       journal_dir: str | None = None, partition_info: dict | None = None):
+                       journal_dir: str | None = None, partition_info: dict | None = None,
+                       run_started: float | None = None):
     """Add the task's output field and the ``llm_*`` columns to one partition of segments.
 
     Reads the preset's input field. A prompt longer than ``max_input_tokens``, or than the served
@@ -217,7 +227,9 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
     journaled are reused (failed ones only without ``retry_failed``) and new ones are appended as
     they arrive (``journal_dir``: one journal per partition number there, for ``generate``).
     ``check_endpoint``: check the endpoint once in this process before the first request.
-    Returns the frame, or (frame, stats) with ``return_stats``.
+    ``run_started``: when the run began (epoch seconds): journaled answers from after it were
+    paid by an attempt of this run that died (a killed worker), counted as
+    ``lost_attempt_answers``. Returns the frame, or (frame, stats) with ``return_stats``.
     """
     if journal_dir is not None and partition_info is not None:
         journal_path = f"{journal_dir.rstrip('/')}/part-{partition_info['number']:05d}.jsonl"
@@ -251,12 +263,18 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
         if old is not None and not (retry_failed and old.get("error")):
             records[key] = old
             stats["reused_answers"] += 1
+            if run_started is not None and _answered_at(old) >= run_started:
+                stats["lost_attempt_answers"] += 1  # paid in this run, by an attempt that died
         elif key in pending:
             stats["duplicate_prompts"] += 1
         else:
             pending[key] = Request(key, messages, settings)
     if pending:
-        _send(pending, get_pool(llm), journal, records, stats, known)
+        pool = get_pool(llm)
+        _send(pending, pool, journal, records, stats, known)
+        for name, seconds in pool.timeouts().items():  # the automatic timeout, for the report
+            stats["endpoints"].setdefault(name, {"requests": 0, "errors": 0, "latency_sum": 0.0})[
+                "timeout_seconds"] = seconds
     stats["failed_requests"] = sum(1 for r in records.values() if r.get("error"))
     stats["retries"] = stats["attempts"] - stats["requests"]
     out = _with_results(df, preset, llm, row_keys, records, stats)
@@ -294,11 +312,13 @@ def _send(pending: dict[str, Request], pool, journal: Journal | None, records: d
                 stats["recovered"] += result.key in known and not record["error"]
                 _count_endpoint(stats, record)
                 if sink is not None:
-                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    sink.flush()
+                    with naming(journal.path):
+                        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        sink.flush()
     finally:
         if sink is not None:
-            sink.close()
+            with naming(journal.path):
+                sink.close()
 
 
 def _with_results(df, preset, llm, row_keys, records, stats):

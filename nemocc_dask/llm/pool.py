@@ -47,7 +47,9 @@ from nemocc_dask.llm.client import Completion, LLMRequestError, OpenAIHTTPClient
 from nemocc_dask.llm.config import LLMConfig, server_root
 from nemocc_dask.llm.coordinator import LocalLink
 from nemocc_dask.llm.endpoint import Endpoint
+from nemocc_dask.llm import timeouts
 from nemocc_dask.llm.telemetry import INTERVAL_SECONDS, parse_queue_metrics
+from nemocc_dask.llm.timeouts import AdaptiveTimeout
 
 LIVENESS_CHECK_SECONDS = 1.0
 METRICS_SECONDS = 0.5
@@ -106,12 +108,14 @@ class WorkerPool:
                  max_retries: int, backoff_base: float, backoff_max: float, cooldown: float,
                  secret: str | None = None, max_failed_fraction: float = 0.5,
                  failure_min_requests: int = 50, budget=None, auto: bool = False,
-                 metrics_urls: dict[str, str] | None = None, metrics_headers: dict | None = None):
+                 metrics_urls: dict[str, str] | None = None, metrics_headers: dict | None = None,
+                 adaptive_timeout: bool = False):
         """``window``: the most each endpoint may have in flight (``max_in_flight``); with
         ``auto`` the window is learned below that (``concurrency.WindowController``), from the
         server's queue at ``metrics_urls[name]`` where it answers, else from latency. ``budget``:
         where the caps come from (a ``budget.BudgetLink`` to the scheduler, shared by the
-        cluster; by default a ``budget.LocalLink`` of this pool's own)."""
+        cluster; by default a ``budget.LocalLink`` of this pool's own). ``adaptive_timeout``:
+        each request's time limit follows its endpoint's latency (``timeouts``)."""
         clients = [(name, factory()) for name, factory in endpoints]  # may raise: nothing to undo
         self._max_retries = max_retries
         self._backoff = (backoff_base, backoff_max)
@@ -123,7 +127,9 @@ class WorkerPool:
         self._budget = budget if budget is not None else LocalLink()
         self._budget_wake: asyncio.Event | None = None
         self._lease_lapsed = False
-        self.endpoints = [Endpoint(name, client, window, auto) for name, client in clients]
+        self.endpoints = [Endpoint(name, client, window, auto,
+                                   AdaptiveTimeout() if adaptive_timeout else None)
+                          for name, client in clients]
         for endpoint in self.endpoints:
             if auto:
                 endpoint.poll_url = (metrics_urls or {}).get(endpoint.name)
@@ -326,9 +332,25 @@ class WorkerPool:
     async def _call(self, endpoint: Endpoint, request: Request) -> Completion:
         client = endpoint.client
         if hasattr(client, "complete"):
-            return await client.complete(request.messages, request.settings)
-        return await self.loop.run_in_executor(self._executor, client.complete_sync,
-                                               request.messages, request.settings)
+            call = client.complete(request.messages, request.settings)
+        else:
+            call = self.loop.run_in_executor(self._executor, client.complete_sync,
+                                             request.messages, request.settings)
+        if endpoint.timeout is None:
+            return await call
+        limit = endpoint.timeout.limit(request.settings.get("max_tokens"))
+        try:
+            return await asyncio.wait_for(call, limit)
+        except asyncio.TimeoutError:
+            raise RetryableError("timeout", f"{endpoint.name}: no answer within {limit:.0f} s "
+                                            f"(the automatic limit, {timeouts.MARGIN:g}x the "
+                                            "full-length latency its recent answers predict; "
+                                            "pass --timeout SECONDS for a fixed one)") from None
+
+    def timeouts(self) -> dict[str, float]:
+        """Each endpoint's latest automatic request timeout, where it has one."""
+        return {e.name: round(e.timeout.last, 1) for e in self.endpoints
+                if e.timeout is not None and e.timeout.last is not None}
 
     async def _attempt(self, endpoint: Endpoint, request: Request) -> tuple[Completion, int]:
         """One call on ``endpoint``, holding its slot until the call ends (or is cancelled);
@@ -502,15 +524,22 @@ PLUGIN_NAME = "nemocc-pools"
 _DRAINING: str | None = None  # set on a worker whose run is stopping: new pools start drained
 
 
-def drain_pools(reason: str | None) -> None:
+def drain_pools(reason: str | None) -> int:
     """Drain this process's pools and the ones it creates from now on (``None``: create normal
-    pools again). Run on every worker by the driver when it stops on SIGTERM."""
+    pools again). Run on every worker by the driver when it stops on SIGTERM or Ctrl-C. Returns
+    the number of requests in flight at that moment."""
     global _DRAINING
     _DRAINING = reason
     if reason is None:
-        return
+        return 0
     for pool in _pools_here():
         pool.drain(reason)
+    return requests_in_flight()
+
+
+def requests_in_flight() -> int:
+    """Requests on the wire in this process's pools now."""
+    return sum(e.in_flight for pool in _pools_here() for e in pool.endpoints)
 
 
 def _pools_here() -> list[WorkerPool]:
@@ -578,7 +607,7 @@ def _factories(llm: LLMConfig, window: int) -> list[tuple[str, Callable[[], Any]
     """(endpoint name, client factory) per endpoint; ``window`` bounds each client's connections."""
     if llm.client_factory is not None:
         return [(llm.endpoints[0], lambda: _adapt(llm.client_factory(), llm))]
-    return [(url, lambda url=url: OpenAIHTTPClient(url, llm.api_key, llm.timeout, window,
+    return [(url, lambda url=url: OpenAIHTTPClient(url, llm.api_key, llm.client_timeout, window,
                                                    llm.return_all_choices,
                                                    llm.max_response_bytes))
             for url in llm.base_url]
@@ -589,7 +618,7 @@ def _adapt(client, llm: LLMConfig):
     from nemocc_dask.llm.openai_sdk import OpenAISDKClient, is_openai_sdk_client
 
     if is_openai_sdk_client(client):
-        return OpenAISDKClient(client, llm.timeout, llm.return_all_choices)
+        return OpenAISDKClient(client, llm.client_timeout, llm.return_all_choices)
     return client
 
 
@@ -604,7 +633,8 @@ def new_pool(llm: LLMConfig, window: int, budget=None) -> WorkerPool:
     return WorkerPool(_factories(llm, window), window, llm.max_retries, llm.backoff_base,
                       llm.backoff_max, llm.endpoint_cooldown, llm.api_key,
                       llm.max_failed_fraction, llm.failure_min_requests, budget, auto=auto,
-                      metrics_urls=urls, metrics_headers=headers)
+                      metrics_urls=urls, metrics_headers=headers,
+                      adaptive_timeout=llm.adaptive_timeout)
 
 
 def _new_pool_here(llm: LLMConfig, worker) -> WorkerPool:

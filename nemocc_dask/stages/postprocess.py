@@ -130,6 +130,18 @@ def _join_segments(df, ctx):
     return out
 
 
+NOT_SENT = ("prompt_too_long", "invalid_text")  # rows never sent: their own reason, not llm_error
+
+
+def _reasons_failed(removed, ctx):
+    """``llm_error``, or the reason a row was never sent (its error's prefix, e.g.
+    ``prompt_too_long``)."""
+    errors = to_host_list(removed["llm_error"]) if "llm_error" in removed.columns else \
+        [None] * len(removed)
+    return [e.split(":", 1)[0] if isinstance(e, str) and e.split(":", 1)[0] in NOT_SENT
+            else "llm_error" for e in errors]
+
+
 def _detail_failed(removed, ctx):
     errors = to_host_list(removed["llm_error"]) if "llm_error" in removed.columns else \
         [None] * len(removed)
@@ -156,17 +168,19 @@ def _detail_incomplete(removed, ctx):
 @dataclass(frozen=True)
 class Step:
     """A built-in step: its function, the reason given to the rows it removes (None: merges),
-    the ``detail`` of each removed row (a fixed text or a function of the removed rows), and what
-    it adds to every row before deciding (``annotate``, so rejects carry it too)."""
+    the ``detail`` of each removed row (a fixed text or a function of the removed rows), what
+    it adds to every row before deciding (``annotate``, so rejects carry it too), and, where
+    rows removed by one step have different reasons, each row's (``reasons``)."""
 
     fn: Callable
     reason: str | None
     detail: str | Callable = ""
     annotate: Callable | None = None
+    reasons: Callable | None = None
 
 
 POSTPROCESS_STEPS: dict[str, Step] = {
-    "drop_failed": Step(_drop_failed, "llm_error", _detail_failed),
+    "drop_failed": Step(_drop_failed, "llm_error", _detail_failed, reasons=_reasons_failed),
     "drop_truncated": Step(_drop_truncated, "truncated",
                            "finish_reason is 'length': the answer hit max_tokens"),
     "drop_too_long": Step(_drop_too_long, "too_long", _detail_count(
@@ -220,9 +234,9 @@ def reject_columns(df) -> dict[str, str]:
     return columns
 
 
-def _labelled(removed, reason: str, details: list[str]):
+def _labelled(removed, reasons: list[str], details: list[str]):
     out = removed.copy()
-    out[REJECT_REASON] = series_like([reason] * len(removed), removed)
+    out[REJECT_REASON] = series_like(reasons, removed)
     out[REJECT_DETAIL] = series_like(details, removed)
     return out
 
@@ -280,7 +294,9 @@ def postprocess_partition(df, preset: TaskPreset, tokenizer=None, id_field: str 
             removed = live[~live[ROW].isin(out[ROW])]
             details = step.detail(removed, ctx) if callable(step.detail) else \
                 [step.detail or step.reason] * len(removed)
-            rejects.append(_labelled(removed, step.reason, details))
+            reasons = step.reasons(removed, ctx) if step.reasons else \
+                [step.reason] * len(removed)
+            rejects.append(_labelled(removed, reasons, details))
         live = out
     kept = live.drop(columns=[ROW, RAW_OUTPUT], errors="ignore").reset_index(drop=True)
     if not return_rejects:
