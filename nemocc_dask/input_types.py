@@ -99,8 +99,8 @@ def decide(observed: list[tuple[str, dict]], id_field: str, text_fields: tuple[s
                                    name, path, "/".join(kind))
             if arrow is None:
                 raise InputTypeError(
-                    f"id column {name!r} of {path} holds values of several types ({', '.join(kind)})"
-                    f"; 1 and \"1\" would be different ids: declare one type (--cast "
+                    f"id column {name!r} of {path} holds values of several types "
+                    f"({', '.join(kind)}); 1 and \"1\" would be different ids: declare one type (--cast "
                     f"{name}=string, casts={{{name!r}: 'string'}}) or fix the file")
             seen.setdefault(name, []).append((path, arrow))
     types: dict[str, str] = {}

@@ -378,12 +378,18 @@ def _mtime(path) -> int:
     return getattr(stat, "st_mtime_ns", None) or int(stat.st_mtime * 1e9)
 
 
-def check_input(ddf, id_field: str, kinds: bool = False) -> tuple[int, list[dict]]:
+IDS_PER_OUTPUT_PARTITION = 10_000_000  # id hashes per partition of the duplicate count
+
+
+def check_input(ddf, id_field: str, kinds: bool = False,
+                rows: int | None = None) -> tuple[int, list[dict]]:
     """Raise InputError if an id is missing or repeats anywhere in the input; returns the number
     of input rows and, with ``kinds``, each partition's ``input_types.python_kinds`` (JSONL: the
     lines are parsed whole anyway). Reads the columns of ``ddf`` in one pass: per partition its
     row and null counts and a 64-bit hash per id, then the hashes that repeat, then the ids
-    behind them, so a hash collision is never taken for a duplicate."""
+    behind them, so a hash collision is never taken for a duplicate. ``rows`` (when known from
+    the partition map) sizes the count: a tree reduction up to ``IDS_PER_OUTPUT_PARTITION`` ids,
+    a shuffle into that many ids per partition above."""
     import dask
 
     def host_ids(part) -> pd.Series:
@@ -405,7 +411,8 @@ def check_input(ddf, id_field: str, kinds: bool = False) -> tuple[int, list[dict
         ddf.map_partitions(summary, meta={"rows": "int64", "nulls": "int64",
                                           "first_null": "int64", "kinds": "object"}),
         ddf.map_partitions(hashes, meta={"h": "uint64"})["h"].value_counts(
-            split_out=max(1, ddf.npartitions // 64)))
+            split_out=max(1, ddf.npartitions // 64) if rows is None
+            else max(1, min(ddf.npartitions, -(-rows // IDS_PER_OUTPUT_PARTITION)))))
     table = table.reset_index(drop=True)
     nulls = table[table["nulls"] > 0]
     if len(nulls):

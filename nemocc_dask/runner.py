@@ -289,7 +289,8 @@ def _checked_input(ddf, pieces, id_field: str, cache: dict | None, casts: dict[s
         jsonl = any(p.kind == "jsonl" for p in pieces)  # parsed whole anyway: types as well
         columns = None if read_all or jsonl else [id_field]
         frame = io.frame_from_pieces(pieces, columns, types=casts, text_fields=text_fields)
-        rows, kinds = io.check_input(frame, id_field, kinds=jsonl)
+        rows, kinds = io.check_input(frame, id_field, kinds=jsonl,
+                                     rows=sum(p.stop - p.start for p in pieces))
         observed = io.parquet_types(pieces) + [
             (f"{p.path} (lines {p.start + 1}-{p.stop})", k)
             for p, k in zip(pieces, kinds) if p.kind == "jsonl"]
@@ -301,11 +302,20 @@ def _checked_input(ddf, pieces, id_field: str, cache: dict | None, casts: dict[s
 
 def _with_served_context(job: Job, context: int | None) -> Job:
     """``job`` with the served context in its LLMConfig (prompts that cannot fit are then not
-    sent), warning when the context is smaller than the task needs."""
+    sent), warning when the context is smaller than the task needs; ConfigError for a model
+    this run serves itself (``--serve``: the command is the user's to fix)."""
     if not context:
         return job
     max_tokens = job.llm.request_settings(job.preset).get("max_tokens") or 0
     limit, _ = prompt_limit(job.preset.max_input_tokens, context, max_tokens)
+    needed = job.preset.max_input_tokens + max_tokens
+    if limit < job.preset.max_input_tokens and job.llm.serve is not None:
+        raise ConfigError(f"task {job.preset.name} needs a context of {needed} tokens per "
+                          f"request (max input {job.preset.max_input_tokens} + max_tokens "
+                          f"{max_tokens}), but the model this run serves has {context}: give it "
+                          f"a larger one in --serve (llama.cpp: -c {needed} or more; vLLM: "
+                          f"--max-model-len {needed}) or lower the task's max_input_tokens / "
+                          "--max-tokens")
     if limit < job.preset.max_input_tokens:
         logger.warning("task %s needs a context of %d tokens (max input %d + max output) but the "
                        "model is served with %d: prompts over %d tokens are not sent "

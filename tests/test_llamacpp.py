@@ -19,10 +19,6 @@ from conftest import make_docs
 from served_models import build_small_tokenizer, write_gguf
 from test_serve import _alive
 
-# Two servers, two workers and the driver share 2 cores in CI: one thread each and no busy
-# polling (llama.cpp's defaults spin every core and slow each server 1000-fold here).
-ONE_THREAD = "--threads 1 --threads-batch 1 --poll 0"
-
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("llama-server") is None,
     reason="llama-server is not on PATH (build it with: bash .ci/build_llama_server.sh)")]
@@ -36,7 +32,7 @@ def test_cli_serves_a_gguf_model_with_llama_cpp(tmp_path, per, n_servers):
     done = subprocess.run(
         [sys.executable, "-m", "nemocc_dask.cli", "run", "--task", "knowledge_list", "--input",
          str(tmp_path / "docs.parquet"), "--output", str(tmp_path / "out"), "--serve",
-         f"llamacpp:{model} {ONE_THREAD}", "--serve-per", per, "--workers", "2",
+         f"llamacpp:{model}", "--serve-per", per, "--workers", "2",  # the preset as it is
          "--rows-per-partition", "10", "--max-tokens", "256", "--no-progress"],
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -64,7 +60,7 @@ def test_the_queue_gauges_of_a_llama_cpp_server_are_read(tmp_path):
 
     model = write_gguf(build_small_tokenizer(tmp_path / "tokenizer"), tmp_path / "tiny.gguf",
                        weights=True)
-    server = ServedProcess(ServeSpec.parse(f"llamacpp:{model} {ONE_THREAD}", startup_timeout=60),
+    server = ServedProcess(ServeSpec.parse(f"llamacpp:{model}", startup_timeout=60),
                            "127.0.0.1", "", tmp_path / "server.log")
     server.start()
     try:

@@ -404,3 +404,23 @@ def test_a_refused_served_run_starts_no_server_and_leaves_the_folder_as_it_was(t
     assert after == before
     pattern = rf"serve-mock --host [0-9.]+ --port [0-9]+ --model {marker}"
     assert subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 1
+
+
+@pytest.mark.slow
+def test_a_served_model_with_too_small_a_context_is_refused_with_the_number(tmp_path):
+    """Issue 28 item 2: with --serve the command is ours to fix: a context smaller than the task
+    needs is exit 2 saying how much (not a run that rejects most rows as prompt_too_long), and
+    the server started to find out is stopped."""
+    make_docs(10).to_parquet(tmp_path / "docs.parquet")
+    marker = f"small-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(
+        [sys.executable, "-m", "nemocc_dask.cli", "run", "--task", "distill", "--input",
+         str(tmp_path / "docs.parquet"), "--output", str(tmp_path / "out"), "--serve",
+         MOCK + f" --max-model-len 2000 --model {marker}", "--model", marker, "--workers", "1",
+         "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "task distill needs a context of 3600 tokens" in done.stderr
+    assert "has 2000" in done.stderr and "-c 3600" in done.stderr
+    assert not (tmp_path / "out" / "parts").exists()
+    left = subprocess.run(["pgrep", "-f", f"serve-mock .*{marker}"], capture_output=True)
+    assert left.returncode == 1
