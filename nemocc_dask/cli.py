@@ -93,7 +93,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="HF name in the local cache, folder, tokenizer.json, "
                                        ".gguf or 'bundled' (default: the served model's, found "
                                        "through the server's /tokenize or locally; else the "
-                                       "bundled Qwen2.5)")
+                                       "bundled Qwen2.5); 'served': as the default, and count "
+                                       "through the server's /tokenize even when that would "
+                                       "take long")
     p.add_argument("--text-field", default="text")
     p.add_argument("--id-field", default="id")
     p.add_argument("--cast", action="append", metavar="COLUMN=TYPE",

@@ -37,7 +37,7 @@ from nemocc_dask.presets import TaskPreset
 from nemocc_dask.report import aggregate, this_run, with_history
 from nemocc_dask.stages.route import Route
 from nemocc_dask.storage import as_path, is_remote, refresh
-from nemocc_dask.served_tokenizer import find_served_tokenizer
+from nemocc_dask.served_tokenizer import FORCE as SERVED, find_served_tokenizer
 from nemocc_dask.tokenizer import BUNDLED, load_tokenizer, prompt_overhead_tokens, tokenizer_name
 
 logger = logging.getLogger(__name__)
@@ -326,17 +326,20 @@ def _with_served_context(job: Job, context: int | None) -> Job:
     return dataclasses.replace(job, llm=dataclasses.replace(job.llm, max_model_len=context))
 
 
-def _tokenizers(jobs: list[Job], tokenizer: str | None) -> dict[str, Any]:
+def _tokenizers(jobs: list[Job], tokenizer: str | None,
+                documents: int | None) -> dict[str, Any]:
     """Each job's tokenizer: the user's, else the served model's (``find_served_tokenizer``,
-    once per model and endpoint set, so a missing one is warned about once)."""
-    if tokenizer is not None:
+    once per model and endpoint set, so a missing one is warned about once; ``documents``:
+    the input's, to project what counting through the server would cost; ``--tokenizer
+    served`` accepts that cost whatever it is)."""
+    if tokenizer is not None and tokenizer != SERVED:
         return {job.preset.name: None if tokenizer == BUNDLED else tokenizer for job in jobs}
     found: dict[tuple, Any] = {}
     chosen = {}
     for job in jobs:
         key = (job.llm.model, job.llm.endpoints)
         if key not in found:
-            found[key] = find_served_tokenizer(job.llm)
+            found[key] = find_served_tokenizer(job.llm, documents, force=tokenizer == SERVED)
         chosen[job.preset.name] = found[key]
     return chosen
 
@@ -645,7 +648,8 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                                  overwrite, unknown=("tokenizer", "served_context"))
             jobs, served_status = _serve(jobs, servers)
             jobs = [_with_served_context(job, preflight(job.llm)) for job in jobs]
-            tokenizers = _tokenizers(jobs, tokenizer)
+            tokenizers = _tokenizers(jobs, tokenizer, None if pieces is None else
+                                     sum(p.stop - p.start for p in pieces))
             for name in {tokenizer_name(t) for t in tokenizers.values()}:
                 same = [job for job in jobs if tokenizer_name(tokenizers[job.preset.name]) == name]
                 _warn_without_chat_template(tokenizers[same[0].preset.name],

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nemocc_dask import prompts
+from nemocc_dask.errors import ConfigError
 from nemocc_dask.llm.config import LLMConfig, server_root
 from nemocc_dask.tokenizer import count_tokens_list, load_tokenizer, tokenizer_name
 
@@ -44,6 +45,14 @@ PROBE_TEXTS = (
 TOKENIZE_TIMEOUT = 30.0
 TOKENIZE_THREADS = 16
 TOKENIZE_ATTEMPTS = 3
+TEXTS_PER_DOCUMENT = 7  # counts per document in preprocessing (document, segments, prompts)
+SERVED_COUNTING_LIMIT_SECONDS = 1800.0  # longer projected counting is refused unless forced
+FORCE = "served"  # --tokenizer served: count through the route whatever it costs
+
+
+class ServedCountingTooSlow(ConfigError):
+    """Counting every text through the server would take longer than
+    ``SERVED_COUNTING_LIMIT_SECONDS``; the message has the measured cost and the fixes."""
 
 
 def _post_json(url: str, body: dict, api_key: str | None, timeout: float) -> dict:
@@ -115,6 +124,28 @@ class ServedTokenizer:
         return [0] * count
 
 
+def _check_counting_cost(model: str, root: str, per_text: float, documents: int | None,
+                         force: bool) -> None:
+    """Warn with the measured cost of counting through ``root``/tokenize; refuse (unless
+    ``force``) when the projection over ``documents`` passes the limit."""
+    texts = (documents or 0) * TEXTS_PER_DOCUMENT
+    projected = texts * per_text
+    cost = f"measured {per_text * 1000:.1f} ms per text"
+    if documents:
+        cost += (f"; about {texts:,} texts for {documents:,} documents, ~{projected / 60:.0f} "
+                 "min of counting")
+    fix = "Pass --tokenizer (the model's folder, tokenizer.json or .gguf) to count locally"
+    if projected > SERVED_COUNTING_LIMIT_SECONDS and not force:
+        raise ServedCountingTooSlow(
+            f"no local tokenizer counts as model {model!r} does, and counting every text "
+            f"through the inference server ({root}/tokenize) would dominate the run ({cost}). "
+            f"{fix}, or --tokenizer {FORCE} to count through the server anyway")
+    logger.warning("no local tokenizer counts as model %r does: every text is counted through "
+                   "the inference server (%s/tokenize, one request per distinct text: %s; "
+                   "preprocessing several times slower, and load on the server). %s", model,
+                   root, cost, fix)
+
+
 def find_tokenize_route(llm: LLMConfig) -> ServedTokenizer | None:
     """The first endpoint's ``/tokenize`` route that answers in the vLLM or llama.cpp shape."""
     for url in llm.base_url:
@@ -153,25 +184,27 @@ def _loadable(spec: str | None) -> bool:
         return False
 
 
-def find_served_tokenizer(llm: LLMConfig) -> Any:
+def find_served_tokenizer(llm: LLMConfig, documents: int | None = None,
+                          force: bool = False) -> Any:
     """The tokenizer spec for ``llm``'s model (see the module docstring): a local spec (str),
-    a ``ServedTokenizer``, or None (the bundled default)."""
+    a ``ServedTokenizer``, or None (the bundled default). Counting through the route is said at
+    WARNING with its cost measured on the probe texts and projected over ``documents``;
+    ServedCountingTooSlow when that is over ``SERVED_COUNTING_LIMIT_SECONDS``, unless
+    ``force``."""
     if not llm.model:  # a custom client that names no model
         return None
     local = [spec for spec in _local_specs(llm.model) if _loadable(spec)]
     route = find_tokenize_route(llm) if llm.client_factory is None else None
     if route is not None:
+        started = time.perf_counter()
         served = route.count_texts(PROBE_TEXTS)  # asked once, compared with every candidate
+        per_text = (time.perf_counter() - started) / len(PROBE_TEXTS)
         for spec in local + [None]:
             if count_tokens_list(load_tokenizer(spec), list(PROBE_TEXTS)) == served:
                 logger.info("tokenizer %s matches the server's /tokenize for model %r",
                             tokenizer_name(spec), llm.model)
                 return spec
-        logger.warning("no local tokenizer counts as model %r does: every text is counted "
-                       "through the inference server (%s/tokenize, one request per distinct "
-                       "text: preprocessing several times slower, and load on the server). "
-                       "Pass --tokenizer (the model's folder, tokenizer.json or .gguf) to count "
-                       "locally", llm.model, route.root)
+        _check_counting_cost(llm.model, route.root, per_text, documents, force)
         return route
     if local:
         logger.info("tokenizer for model %r: %s (found locally; the server has no /tokenize "

@@ -39,11 +39,27 @@ def test_the_servers_tokenize_route_counts_when_no_local_tokenizer_agrees(small,
         found = find_served_tokenizer(_llm(server))
         # said at WARNING (issue 24 item 9): it is slower and loads the server; how to avoid it
         assert "counted through the inference server" in caplog.text and "--tokenizer" in \
-            caplog.text
+            caplog.text and "ms per text" in caplog.text
         assert isinstance(found, ServedTokenizer) and found.flavour == "vllm"
         texts = list(PROBE_TEXTS)
         assert count_tokens_list(found, texts) == count_tokens_list(load_tokenizer(small), texts)
         assert server.stats.tokenize_requests > len(texts)
+
+
+def test_counting_through_the_route_is_refused_where_it_would_dominate_unless_forced(small):
+    """Issue 24 item 9: the cost measured on the probe texts, projected over the input's
+    documents; over the limit the run is refused with the numbers and both fixes, and
+    ``--tokenizer served`` accepts the cost."""
+    from nemocc_dask.served_tokenizer import ServedCountingTooSlow
+
+    with MockLLMServer(models=("tiny",), tokenizer=str(small)) as server:
+        with pytest.raises(ServedCountingTooSlow, match=r"ms per text; about 70,000,000 texts "
+                                                        r"for 10,000,000 documents") as refused:
+            find_served_tokenizer(_llm(server), documents=10_000_000)
+        assert "--tokenizer served" in str(refused.value)
+        assert isinstance(find_served_tokenizer(_llm(server), documents=10_000_000, force=True),
+                          ServedTokenizer)
+        assert isinstance(find_served_tokenizer(_llm(server), documents=100), ServedTokenizer)
 
 
 def test_a_local_folder_named_by_the_model_is_used_once_the_route_agrees(small):
