@@ -22,8 +22,9 @@ from pathlib import Path
 from benchmarks.cluster import Sampler
 from benchmarks.suites import MockProcess, _table, bench_corpus
 from nemocc_dask.llm.config import LLMConfig, server_root
-from nemocc_dask.llm.pool import Request, new_pool
-from nemocc_dask.presets import PRESETS
+from nemocc_dask.llm.pool import Request
+from nemocc_dask.llm.pools import new_pool
+from nemocc_dask.recipe.presets import PRESETS
 
 WINDOW_SECONDS = 2.0  # throughput is measured over sliding windows this long
 

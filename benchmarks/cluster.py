@@ -79,7 +79,7 @@ def _budget_run(base_url: str, docs: Path, out: Path, workers: int, budget: int,
     from distributed import Client, LocalCluster
 
     from nemocc_dask.llm.config import LLMConfig
-    from nemocc_dask.runner import run_to_parquet
+    from nemocc_dask.run.runner import run_to_parquet
 
     llm = LLMConfig(base_url=base_url, model="mock", max_in_flight=budget,
                     max_in_flight_per_worker=per_worker, timeout=600)
@@ -177,7 +177,8 @@ def jsonl_reading(out: Path, quick: bool = False) -> dict:
     without the seek index show what each piece decompressing from the start costs."""
     import gzip
 
-    from nemocc_dask import gzindex, io
+    from nemocc_dask import io
+    from nemocc_dask.io import gzindex
 
     lines, parts = (100_000, 50) if quick else (1_000_000, 500)
     rows = []

@@ -36,7 +36,7 @@ def _drive_here(url: str, seconds: float, count: int, tag: str) -> dict:
     """Run on a worker: keep this process's pool busy for ``seconds``."""
     from benchmarks.autotune import count_answers, requests
     from nemocc_dask.llm.config import LLMConfig
-    from nemocc_dask.llm.pool import get_pool
+    from nemocc_dask.llm.pools import get_pool
 
     llm = LLMConfig(base_url=url, model="mock", max_retries=20, backoff_base=0.05,
                     backoff_max=2.0)

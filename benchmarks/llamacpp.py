@@ -29,7 +29,8 @@ SECONDS = 60.0  # at most this long per server (llama.cpp's defaults may be 1000
 def _tokens_per_second(port: int, requests: int, seconds: float) -> float:
     """Completion tokens per second of ``requests`` answers (or of those done in ``seconds``)."""
     from nemocc_dask.llm.config import LLMConfig
-    from nemocc_dask.llm.pool import Request, new_pool
+    from nemocc_dask.llm.pool import Request
+    from nemocc_dask.llm.pools import new_pool
 
     llm = LLMConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_in_flight=IN_FLIGHT,
                     timeout=600)
@@ -51,7 +52,7 @@ def _tokens_per_second(port: int, requests: int, seconds: float) -> float:
 
 
 def _measure(command: str, model: Path, log: Path, requests: int, seconds: float) -> float:
-    from nemocc_dask.serve_process import ServedProcess, ServeSpec
+    from nemocc_dask.serve.process import ServedProcess, ServeSpec
 
     spec = ServeSpec.parse(command.replace("MODEL", str(model)), startup_timeout=120)
     if spec.command == command.replace("MODEL", str(model)):  # a hand-written command

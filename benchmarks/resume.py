@@ -12,7 +12,7 @@ from pathlib import Path
 
 from benchmarks.suites import _table
 from nemocc_dask import LLMConfig, run_to_parquet
-from nemocc_dask.llm.mock import MockLLMServer
+from nemocc_dask.testing.mock import MockLLMServer
 
 
 def _corpus(path: Path, documents: int) -> None:

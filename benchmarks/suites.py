@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from nemocc_dask.llm.config import LLMConfig
-from nemocc_dask.llm.pool import Request, new_pool
-from nemocc_dask.presets import PRESETS
+from nemocc_dask.llm.pool import Request
+from nemocc_dask.llm.pools import new_pool
+from nemocc_dask.recipe.presets import PRESETS
 
 
 class MockProcess:
@@ -265,13 +266,13 @@ def bench_corpus(copies: int):
 
 def _raw_tokens(part) -> int:
     """Tokens of a partition's texts by one batched call of the fast tokenizer (the baseline)."""
-    from nemocc_dask.tokenizer import load_tokenizer
+    from nemocc_dask.recipe.tokenizer import load_tokenizer
 
     return sum(len(ids) for ids in load_tokenizer()(part["text"].tolist())["input_ids"])
 
 
 def _preprocessed_rows(part) -> int:
-    from nemocc_dask.stages.preprocess import preprocess_partition
+    from nemocc_dask.recipe.stages.preprocess import preprocess_partition
 
     return len(preprocess_partition(part, PRESETS["diverse_qa"]))
 
@@ -294,7 +295,7 @@ def _on_workers(parts: list, workers: int) -> dict:
 
     from distributed import Client, LocalCluster
 
-    from nemocc_dask.tokenizer import load_tokenizer
+    from nemocc_dask.recipe.tokenizer import load_tokenizer
 
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited by the worker processes
@@ -315,8 +316,8 @@ def _on_workers(parts: list, workers: int) -> dict:
 def preprocessing(out: Path, quick: bool = False) -> dict:
     """Tokens/s of ``preprocess`` vs one raw batched fast-tokenizer call on the same texts: in
     this process with per-stage times, and on 1 and 2 Dask worker processes (scaling)."""
-    from nemocc_dask.stages.preprocess import PREPROCESS_STAGES, preprocess_partition
-    from nemocc_dask.tokenizer import load_tokenizer
+    from nemocc_dask.recipe.stages.preprocess import PREPROCESS_STAGES, preprocess_partition
+    from nemocc_dask.recipe.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     docs = bench_corpus(2 if quick else 20)
@@ -372,8 +373,8 @@ def memory(out: Path, quick: bool = False) -> dict:
 
     from distributed import Client, LocalCluster
 
-    from nemocc_dask.llm.mock import MockLLMServer
-    from nemocc_dask.runner import run_to_parquet
+    from nemocc_dask.run.runner import run_to_parquet
+    from nemocc_dask.testing.mock import MockLLMServer
 
     rows = []
     for factor in (1, 4):

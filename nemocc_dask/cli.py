@@ -6,6 +6,9 @@ the message and the output folder unchanged; 75 when SIGTERM stopped it cleanly 
 journaled; requeue or rerun to resume); 1 when it started and then stopped (a broken
 endpoint or client, an error in a post-processing step, counts that do not add up), with one line
 and a hint (the traceback with ``-v``): rerunning the same command resumes.
+
+One module because the command line is one surface: its parser and the commands that map the
+options onto the config objects are read and changed together.
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ from pathlib import Path
 import dask.config
 
 from nemocc_dask import io
-from nemocc_dask.cluster import make_client, parse_adapt
 from nemocc_dask.errors import ConfigError, Preempted, StartError
-from nemocc_dask.gpu import require_gpu
+from nemocc_dask.io.gpu import require_gpu
 from nemocc_dask.llm.config import LLMConfig
-from nemocc_dask.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS, PRESETS
-from nemocc_dask.report import combine, render_table
-from nemocc_dask.runner import start_checks
+from nemocc_dask.recipe.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS, PRESETS
+from nemocc_dask.run.cluster import make_client, parse_adapt
+from nemocc_dask.run.report import combine, render_table
+from nemocc_dask.run.runner import start_checks
 
 
 def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
@@ -245,8 +248,8 @@ def _print_reports(reports: dict, out) -> None:
 
 
 def cmd_run(args) -> int:
-    from nemocc_dask.runner import run_to_parquet
-    from nemocc_dask.task_file import load_task_file
+    from nemocc_dask.recipe.task_file import load_task_file
+    from nemocc_dask.run.runner import run_to_parquet
 
     if not args.task and not args.prompt_file:
         raise ConfigError("give --task NAME (one of " + ", ".join(PRESETS) + ") or --prompt-file")
@@ -265,7 +268,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_nemotron_cc(args) -> int:
-    from nemocc_dask.nemotron_cc import run_nemotron_cc_to_parquet
+    from nemocc_dask.run.nemotron_cc import run_nemotron_cc_to_parquet
 
     tasks = [t for t in (args.tasks or "").split(",") if t] or None
     llm = _llm_from_args(args)
@@ -284,8 +287,8 @@ def cmd_nemotron_cc(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from nemocc_dask.llm.mock import MockLLMServer
-    from nemocc_dask.runner import run_to_parquet
+    from nemocc_dask.run.runner import run_to_parquet
+    from nemocc_dask.testing.mock import MockLLMServer
 
     out = Path(args.output or tempfile.mkdtemp(prefix="nemocc-dask-demo-"))
     with MockLLMServer(latency=0.05, per_token_latency=0.0005, tokenizer="bundled") as server:
@@ -317,7 +320,7 @@ def _print_example_row(out: Path, column: str) -> None:
 
 
 def cmd_serve_mock(args) -> int:
-    from nemocc_dask.llm.mock import serve_forever
+    from nemocc_dask.testing.mock import serve_forever
 
     serve_forever(port=args.port, host=args.host, models=tuple(args.model or ["mock"]),
                   latency=args.latency,
@@ -332,7 +335,7 @@ def cmd_serve_mock(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from nemocc_dask.verify import verify
+    from nemocc_dask.run.verify import verify
 
     return verify(args.output)
 

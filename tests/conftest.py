@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from nemocc_dask.tokenizer import load_tokenizer
+    from nemocc_dask.recipe.tokenizer import load_tokenizer
 
     return load_tokenizer()
 
@@ -33,7 +33,7 @@ def cluster_client():
 
 @pytest.fixture
 def mock_server():
-    from nemocc_dask.llm.mock import MockLLMServer
+    from nemocc_dask.testing.mock import MockLLMServer
 
     with MockLLMServer(latency=0.005) as server:
         yield server

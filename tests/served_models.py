@@ -12,7 +12,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}<
 
 
 def _corpus() -> list[str]:
-    from nemocc_dask import prompts
+    from nemocc_dask.recipe import prompts
 
     words = ("river delta birds wetlands filter water towns downstream season species the of and "
              "a to in is that for on with as by question answer text knowledge passage").split()

@@ -11,9 +11,10 @@ import re
 import pytest
 
 from nemocc_dask.llm.config import LLMConfig
-from nemocc_dask.llm.mock import MockLLMServer
-from nemocc_dask.llm.pool import Request, new_pool
-from nemocc_dask.presets import PRESETS
+from nemocc_dask.llm.pool import Request
+from nemocc_dask.llm.pools import new_pool
+from nemocc_dask.recipe.presets import PRESETS
+from nemocc_dask.testing.mock import MockLLMServer
 
 
 def _requests(n: int, tag: str = ""):

@@ -8,12 +8,11 @@ import threading
 import time
 
 import pytest
+from conftest import make_docs
 
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.llm.coordinator import DEMAND_MEMORY_SECONDS, Coordinator, fair_shares
-from nemocc_dask.llm.mock import MockLLMServer
-
-from conftest import make_docs
+from nemocc_dask.testing.mock import MockLLMServer
 
 LEASE, GRACE = 10.0, 1.0
 
@@ -156,7 +155,7 @@ def test_workers_joining_and_leaving_never_exceed_the_budget(tmp_path):
     import pyarrow.parquet as pq
     from distributed import Client, LocalCluster
 
-    from nemocc_dask.runner import run_to_parquet
+    from nemocc_dask.run.runner import run_to_parquet
 
     path = tmp_path / "docs.parquet"
     pq.write_table(pa.Table.from_pandas(make_docs(480, paragraphs=1), preserve_index=False), path)

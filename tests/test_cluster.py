@@ -8,7 +8,7 @@ import dask
 import pandas as pd
 import pytest
 
-from nemocc_dask.cluster import ClusterError, make_client
+from nemocc_dask.run.cluster import ClusterError, make_client
 
 
 def test_defaults_registered_in_dask_config():
@@ -24,7 +24,7 @@ def test_unknown_cluster_kind():
 
 
 def test_slurm_job_script_has_options():
-    from nemocc_dask.cluster import slurm_cluster
+    from nemocc_dask.run.cluster import slurm_cluster
 
     cluster = slurm_cluster(queue="debug", account="proj", walltime="00:05:00", jobs=0,
                             job_extra_directives=["--gres=gpu:1"],
@@ -63,11 +63,11 @@ def slurm_test(timeout: int = 300):
 
 @slurm_test()
 def test_pipeline_on_slurm_workers(tmp_path):
-    from nemocc_dask import LLMConfig
-    from nemocc_dask.llm.mock import MockLLMServer
-    from nemocc_dask.runner import run_to_parquet
-
     from conftest import make_docs
+
+    from nemocc_dask import LLMConfig
+    from nemocc_dask.run.runner import run_to_parquet
+    from nemocc_dask.testing.mock import MockLLMServer
 
     path = tmp_path / "docs.parquet"
     make_docs(20).to_parquet(path, row_group_size=10)
@@ -99,7 +99,7 @@ def test_pipeline_on_slurm_workers(tmp_path):
 
 
 def test_adapt_spec_is_checked():
-    from nemocc_dask.cluster import parse_adapt
+    from nemocc_dask.run.cluster import parse_adapt
 
     assert parse_adapt("1:8") == (1, 8)
     for bad in ("8", "a:b", "5:2", "0:0"):
@@ -131,11 +131,11 @@ def test_a_scheduler_without_workers_is_a_clear_error():
 def test_adaptive_slurm_cluster_runs_under_the_budget(tmp_path):
     """--adapt 1:2: the run waits for the first worker job, the cluster may grow to two, the
     endpoint never sees more than the budget, and every job is gone afterwards."""
-    from nemocc_dask import LLMConfig
-    from nemocc_dask.llm.mock import MockLLMServer
-    from nemocc_dask.runner import run_to_parquet
-
     from conftest import make_docs
+
+    from nemocc_dask import LLMConfig
+    from nemocc_dask.run.runner import run_to_parquet
+    from nemocc_dask.testing.mock import MockLLMServer
 
     path = tmp_path / "docs.parquet"
     make_docs(80, paragraphs=1).to_parquet(path)
@@ -170,7 +170,7 @@ def test_the_local_clusters_dashboard_and_scheduler_listen_on_loopback_only():
     it (or the scheduler) on every interface."""
     import psutil
 
-    from nemocc_dask.cluster import make_client
+    from nemocc_dask.run.cluster import make_client
 
     client = make_client("local", workers=1, threads_per_worker=1)
     try:

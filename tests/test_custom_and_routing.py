@@ -7,16 +7,15 @@ import time
 import dask.dataframe as dd
 import pandas as pd
 import pytest
+from conftest import make_docs
 
 from nemocc_dask import LLMConfig, make_task, run_task
 from nemocc_dask.llm.client import Completion
-from nemocc_dask.llm.mock import MockLLMServer, fake_answer
-from nemocc_dask.nemotron_cc import run_nemotron_cc
-from nemocc_dask.presets import HIGH_QUALITY_TASKS
-from nemocc_dask.runner import run_to_parquet
-from nemocc_dask.task_file import load_task_file
-
-from conftest import make_docs
+from nemocc_dask.recipe.presets import HIGH_QUALITY_TASKS
+from nemocc_dask.recipe.task_file import load_task_file
+from nemocc_dask.run.nemotron_cc import run_nemotron_cc
+from nemocc_dask.run.runner import run_to_parquet
+from nemocc_dask.testing.mock import MockLLMServer, fake_answer
 
 pytestmark = pytest.mark.slow
 
@@ -67,8 +66,8 @@ def test_custom_client_failures_go_to_rejects(tmp_path, cluster_client):
 
 
 def test_answer_without_content_is_an_empty_response_error():
-    from nemocc_dask.llm.generate import generate_partition
-    from nemocc_dask.presets import PRESETS
+    from nemocc_dask.recipe.presets import PRESETS
+    from nemocc_dask.run.generate import generate_partition
 
     docs = make_docs(3)
     docs.loc[1, "text"] += " EMPTY"

@@ -6,10 +6,9 @@ import types
 
 import pytest
 
-from nemocc_dask import gpu
 from nemocc_dask.cli import main
 from nemocc_dask.errors import StartError
-from nemocc_dask.io import SAMPLE_PATH
+from nemocc_dask.io import SAMPLE_PATH, gpu
 
 
 def _run_args(tmp_path, *extra):
@@ -39,7 +38,7 @@ def test_bad_setting_exits_2(tmp_path, capsys):
 
 
 def _fail_during_run(monkeypatch):
-    import nemocc_dask.runner as runner
+    import nemocc_dask.run.runner as runner
 
     def boom(*args, **kwargs):
         raise ValueError("my post-processing step found a bad row")

@@ -1,14 +1,13 @@
 """End-to-end generation on a real LocalCluster (2 workers) against the mock server."""
 
+import dask.dataframe as dd
 import pandas as pd
 import pytest
-
-import dask.dataframe as dd
-from nemocc_dask import LLMConfig, PreflightError, generate, preprocess, run_task
-from nemocc_dask.llm.mock import MockLLMServer
-from nemocc_dask.presets import PRESETS
-
 from conftest import make_docs
+
+from nemocc_dask import LLMConfig, PreflightError, generate, preprocess, run_task
+from nemocc_dask.recipe.presets import PRESETS
+from nemocc_dask.testing.mock import MockLLMServer
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,11 @@ import pytest
 
 from nemocc_dask import LLMConfig
 from nemocc_dask.cli import main
-from nemocc_dask.gpu import GPUError, gpu_available, require_gpu, to_gpu
 from nemocc_dask.io import SAMPLE_PATH, read_input
-from nemocc_dask.llm.mock import MockLLMServer
-from nemocc_dask.runner import run_to_parquet
-from nemocc_dask.stages.backend import _arrow_type, series_like
+from nemocc_dask.io.frames import _arrow_type, series_like
+from nemocc_dask.io.gpu import GPUError, gpu_available, require_gpu, to_gpu
+from nemocc_dask.run.runner import run_to_parquet
+from nemocc_dask.testing.mock import MockLLMServer
 
 no_gpu = pytest.mark.skipif(gpu_available(), reason="this machine has a usable GPU")
 needs_gpu = pytest.mark.skipif(not gpu_available(),

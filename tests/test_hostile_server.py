@@ -12,13 +12,13 @@ import time
 
 import pytest
 from aiohttp import web
+from conftest import make_docs
 
 from nemocc_dask import LLMConfig
-from nemocc_dask.llm.generate import generate_partition
-from nemocc_dask.llm.pool import Request, new_pool
-from nemocc_dask.presets import PRESETS
-
-from conftest import make_docs
+from nemocc_dask.llm.pool import Request
+from nemocc_dask.llm.pools import new_pool
+from nemocc_dask.recipe.presets import PRESETS
+from nemocc_dask.run.generate import generate_partition
 
 KEY = "sk-test-0123456789abcdef"
 

@@ -16,12 +16,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_docs
 
 from nemocc_dask import io
-from nemocc_dask.input_types import InputTypeError, as_read, as_written, decide, parse_casts
-from nemocc_dask.llm.mock import MockLLMServer
-
-from conftest import make_docs
+from nemocc_dask.io.types import InputTypeError, as_read, as_written, decide, parse_casts
+from nemocc_dask.testing.mock import MockLLMServer
 
 
 def cli(*args):

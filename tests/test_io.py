@@ -8,10 +8,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_docs
 
 from nemocc_dask import io
-
-from conftest import make_docs
+from nemocc_dask.io import readers
 
 
 @pytest.mark.parametrize("row_group_size", [None, 7, 25])
@@ -75,13 +75,13 @@ def test_jsonl_pieces_read_only_their_own_bytes_once(tmp_path, monkeypatch):
     pieces = io.partition_map(path, 10)
     assert [(p.start, p.stop) for p in pieces] == [(0, 10), (10, 20), (20, 25)]
     ranges = []
-    original = io._read_block
+    original = readers._read_block
 
     def recording(path, offset, end):
         ranges.append((offset, end))
         return original(path, offset, end)
 
-    monkeypatch.setattr(io, "_read_block", recording)
+    monkeypatch.setattr(readers, "_read_block", recording)
     got = pd.concat([io.read_piece(p) for p in pieces], ignore_index=True)
     assert got["id"].tolist() == list(range(25)) and got["text"].iloc[3] == "doc 3 é"
     # one read per piece; together they cover the file once (blank lines go with a piece), but
@@ -104,7 +104,7 @@ def test_gzip_pieces_seek_through_the_index_built_by_the_partition_pass(tmp_path
 
     import dask
 
-    from nemocc_dask import gzindex
+    from nemocc_dask.io import gzindex
 
     monkeypatch.setattr(gzindex, "SPACING", 64 * 1024)  # many seek points in a small file
     import hashlib

@@ -5,13 +5,12 @@ skipped and counted, its request is sent again, and the rest is reused; never fa
 from __future__ import annotations
 
 import pytest
+from conftest import make_docs
 
 from nemocc_dask import LLMConfig
-from nemocc_dask.llm.generate import generate_partition
-from nemocc_dask.llm.mock import MockLLMServer
-from nemocc_dask.presets import PRESETS
-
-from conftest import make_docs
+from nemocc_dask.recipe.presets import PRESETS
+from nemocc_dask.run.generate import generate_partition
+from nemocc_dask.testing.mock import MockLLMServer
 
 DAMAGE = [b'{"key": "\xc3', b"\xff\xfe not utf-8 at all", b"null", b"[1, 2]",
           b'{"key": 5, "text": "x", "error": null}', b'{"key": "k", "text": 3}']

@@ -13,10 +13,9 @@ import time
 
 import pandas as pd
 import pytest
-
-from nemocc_dask.llm.mock import MockLLMServer
-
 from conftest import make_docs
+
+from nemocc_dask.testing.mock import MockLLMServer
 
 BUDGET = 8
 

@@ -14,7 +14,6 @@ import sys
 import urllib.request
 
 import pytest
-
 from conftest import make_docs
 from served_models import build_small_tokenizer, write_gguf
 from test_serve import _alive
@@ -56,7 +55,7 @@ def test_the_queue_gauges_of_a_llama_cpp_server_are_read(tmp_path):
     import asyncio
 
     from nemocc_dask.llm.telemetry import parse_queue_metrics
-    from nemocc_dask.serve_process import ServedProcess, ServeSpec
+    from nemocc_dask.serve.process import ServedProcess, ServeSpec
 
     model = write_gguf(build_small_tokenizer(tmp_path / "tokenizer"), tmp_path / "tiny.gguf",
                        weights=True)

@@ -11,10 +11,9 @@ import time
 
 import pandas as pd
 import pytest
-
-from nemocc_dask.llm.mock import MockLLMServer
-
 from conftest import make_docs
+
+from nemocc_dask.testing.mock import MockLLMServer
 
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
@@ -99,7 +98,7 @@ def test_s3_input_and_output_with_kill_and_resume(s3, tmp_path):
 
 
 def test_journal_on_s3_is_written_in_chunks_and_read_back(s3):
-    from nemocc_dask.llm.generate import Journal
+    from nemocc_dask.run.generate import Journal
 
     journal = Journal("s3://corpus/jtest/journal/part-00000.jsonl")
     journal.CHUNK_RECORDS = 2
@@ -122,7 +121,7 @@ def test_journal_on_s3_is_written_in_chunks_and_read_back(s3):
 
 def test_unknown_protocol_is_a_clear_start_error():
     from nemocc_dask.errors import StartError
-    from nemocc_dask.storage import as_path
+    from nemocc_dask.io.storage import as_path
 
     with pytest.raises(StartError, match="fsspec backend"):
         as_path("nosuchfs://bucket/folder")

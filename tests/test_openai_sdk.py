@@ -5,13 +5,12 @@ import functools
 
 import dask.dataframe as dd
 import pandas as pd
+from conftest import make_docs
 
 from nemocc_dask import LLMConfig, run_task
-from nemocc_dask.llm.generate import generate_partition
-from nemocc_dask.presets import PRESETS
+from nemocc_dask.recipe.presets import PRESETS
+from nemocc_dask.run.generate import generate_partition
 from nemocc_dask.testing import MockLLMServer
-
-from conftest import make_docs
 
 
 def team_client(base_url: str):

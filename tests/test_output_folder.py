@@ -8,8 +8,8 @@ import time
 import pytest
 
 from nemocc_dask import io
-from nemocc_dask.output_folder import (LOCK, MANIFEST, OutputError, OutputLock, check_output,
-                                       prepare_output)
+from nemocc_dask.run.output_folder import (LOCK, MANIFEST, OutputError, OutputLock, check_output,
+                                           prepare_output)
 
 
 def _material(partitions=3, seed=0):
@@ -89,7 +89,7 @@ def test_runs_starting_at_the_same_instant_never_both_take_the_lock(tmp_path):
 def test_a_live_process_on_this_host_is_never_taken_over_however_old_its_heartbeat(tmp_path):
     import subprocess
 
-    from nemocc_dask.output_folder import _process_started
+    from nemocc_dask.run.output_folder import _process_started
 
     out = tmp_path / "out"
     out.mkdir()
@@ -111,7 +111,7 @@ def test_a_live_process_on_this_host_is_never_taken_over_however_old_its_heartbe
 
 
 def test_a_run_whose_lock_was_taken_stops_and_never_rewrites_it(tmp_path, monkeypatch):
-    from nemocc_dask import output_folder
+    from nemocc_dask.run import output_folder
 
     monkeypatch.setattr(output_folder, "HEARTBEAT_SECONDS", 0.1)
     out = tmp_path / "out"

@@ -10,10 +10,10 @@ import pytest
 
 from nemocc_dask.llm.client import OpenAIHTTPClient, RetryableError
 from nemocc_dask.llm.config import LLMConfig
-from nemocc_dask.llm.mock import MockLLMServer
-from nemocc_dask.llm.pool import (EndpointsBroken, PoolClosed, Request, WorkerPool, _factories,
-                                  get_pool, new_pool)
-from nemocc_dask.presets import PRESETS
+from nemocc_dask.llm.pool import EndpointsBroken, PoolClosed, Request, WorkerPool
+from nemocc_dask.llm.pools import _factories, get_pool, new_pool
+from nemocc_dask.recipe.presets import PRESETS
+from nemocc_dask.testing.mock import MockLLMServer
 
 
 def _requests(n, tag=""):

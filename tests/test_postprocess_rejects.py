@@ -3,8 +3,8 @@ raw answer, and incomplete re-joined documents."""
 
 import pandas as pd
 
-from nemocc_dask.presets import get_preset
-from nemocc_dask.stages.postprocess import postprocess_partition, reject_columns
+from nemocc_dask.recipe.presets import get_preset
+from nemocc_dask.recipe.stages.postprocess import postprocess_partition, reject_columns
 
 
 def _generated(answers, ids=None, segment_ids=None, field="distill", errors=None, finish=None):

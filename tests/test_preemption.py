@@ -14,14 +14,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from nemocc_dask import LLMConfig
-from nemocc_dask.llm.mock import MockLLMServer
-from nemocc_dask.runner import run_to_parquet
-
 from conftest import make_docs
 from test_cluster import slurm_test
 from test_runner_e2e import answers_so_far, read_parts
+
+from nemocc_dask import LLMConfig
+from nemocc_dask.run.runner import run_to_parquet
+from nemocc_dask.testing.mock import MockLLMServer
 
 pytestmark = pytest.mark.slow
 KEY = ["id", "segment_id"]

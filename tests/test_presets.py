@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from nemocc_dask.presets import PRESETS, TaskPreset, get_preset, make_task
-from nemocc_dask import prompts
+from nemocc_dask.recipe import prompts
+from nemocc_dask.recipe.presets import PRESETS, TaskPreset, get_preset, make_task
 
 
 def test_five_tasks_with_reference_table():

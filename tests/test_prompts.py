@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from nemocc_dask import prompts
+from nemocc_dask.recipe import prompts
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "nemotron_cc_reference.md"
 NAMES = ["NEMOTRON_CC_SYSTEM_PROMPT", "NEMOTRON_CC_DISTILL_SYSTEM_PROMPT",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nemocc_dask.presets import FIELD_NAMES
-from nemocc_dask.task_file import load_task_file
+from nemocc_dask.recipe.presets import FIELD_NAMES
+from nemocc_dask.recipe.task_file import load_task_file
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from nemocc_dask.partition_job import _document_outcomes
-from nemocc_dask.report import aggregate, render_table
+from nemocc_dask.run.partition_job import _document_outcomes
+from nemocc_dask.run.report import aggregate, render_table
 
 
 def _stats(**over):

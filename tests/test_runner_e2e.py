@@ -12,13 +12,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_docs
 
 from nemocc_dask import LLMConfig
-from nemocc_dask.llm.mock import MockLLMServer
-from nemocc_dask.runner import OutputError, run_to_parquet
 from nemocc_dask.io import InputError
-
-from conftest import make_docs
+from nemocc_dask.run.runner import OutputError, run_to_parquet
+from nemocc_dask.testing.mock import MockLLMServer
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +57,7 @@ def test_run_writes_layout_and_report(tmp_path, docs_parquet, cluster_client):
     assert set(rejects["reject_reason"]) <= {"truncated", "too_long", "empty_parse", "too_short",
                                              "llm_error"}
     assert sum(report["rows_rejected"].values()) == len(rejects)
-    from nemocc_dask.stages.preprocess import PREPROCESS_STAGES
+    from nemocc_dask.recipe.stages.preprocess import PREPROCESS_STAGES
 
     stages = report["stage_seconds"]
     assert set(stages) == {*PREPROCESS_STAGES, "generate", "postprocess"}

@@ -5,8 +5,8 @@ one that dies, stops them all at the end, and refuses to start when a server can
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,7 +17,6 @@ import uuid
 
 import pandas as pd
 import pytest
-
 from conftest import make_docs
 
 from nemocc_dask import LLMConfig, run_to_parquet
@@ -241,9 +240,9 @@ def test_cli_sigterm_or_ctrl_c_stops_the_run_and_every_server(tmp_path, stop, st
 
 
 def test_serving_without_a_cluster_says_how_to_get_one(tmp_path, monkeypatch):
-    from nemocc_dask import runner
+    from nemocc_dask.run import runner
 
-    monkeypatch.setattr(runner, "_distributed_client", lambda: None)
+    monkeypatch.setattr(runner, "distributed_client", lambda: None)
     make_docs(5).to_parquet(tmp_path / "docs.parquet")
     with pytest.raises(StartError, match="needs a Dask cluster"):
         run_to_parquet(tmp_path / "docs.parquet", tmp_path / "out", "knowledge_list",
@@ -258,7 +257,7 @@ from test_cluster import slurm_test  # noqa: E402  (the SLURM marks, shared with
 def test_slurm_workers_serve_the_model_and_stop_it(tmp_path, per, n_servers):
     """On the single-node slurmctld, two worker jobs: per worker, each starts its own server;
     per node, they share one. Every server serves requests; none is left after the run."""
-    from nemocc_dask.cluster import make_client
+    from nemocc_dask.run.cluster import make_client
 
     path = tmp_path / "docs.parquet"
     make_docs(60).to_parquet(path)
@@ -291,7 +290,7 @@ def test_a_node_server_outlives_the_worker_that_started_it_while_others_use_it(t
     stops it and clears the meeting folder."""
     import asyncio
 
-    from nemocc_dask.serve_node import NodeServer, meeting_folder
+    from nemocc_dask.serve.node import NodeServer, meeting_folder
 
     spec = ServeSpec(MOCK, startup_timeout=60, per="node", max_restarts=0)
     folder = meeting_folder(f"tcp://test-{uuid.uuid4().hex}", spec)
@@ -325,7 +324,7 @@ def test_node_server_supervision_never_blocks_the_workers_event_loop(tmp_path):
     import asyncio
     import fcntl
 
-    from nemocc_dask.serve_node import NodeServer, meeting_folder
+    from nemocc_dask.serve.node import NodeServer, meeting_folder
 
     spec = ServeSpec(MOCK, startup_timeout=60, per="node")
     folder = meeting_folder(f"tcp://test-{uuid.uuid4().hex}", spec)

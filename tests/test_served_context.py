@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from nemocc_dask import LLMConfig
-from nemocc_dask.llm.generate import generate_partition
-from nemocc_dask.presets import PRESETS
+from nemocc_dask.recipe.presets import PRESETS
+from nemocc_dask.run.generate import generate_partition
 from nemocc_dask.testing import MockLLMServer
 
 

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import make_docs
 from served_models import build_small_tokenizer, write_gguf
 
 from nemocc_dask import LLMConfig
-from nemocc_dask.served_tokenizer import PROBE_TEXTS, ServedTokenizer, find_served_tokenizer
+from nemocc_dask.llm.served_tokenizer import PROBE_TEXTS, ServedTokenizer, find_served_tokenizer
+from nemocc_dask.recipe.tokenizer import count_tokens_list, load_tokenizer
 from nemocc_dask.testing import MockLLMServer
-from nemocc_dask.tokenizer import count_tokens_list, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def _llm(server, model="tiny", **kw) -> LLMConfig:
 
 def test_the_servers_tokenize_route_counts_when_no_local_tokenizer_agrees(small, caplog):
     with MockLLMServer(models=("tiny",), tokenizer=str(small)) as server, \
-            caplog.at_level(logging.WARNING, logger="nemocc_dask.served_tokenizer"):
+            caplog.at_level(logging.WARNING, logger="nemocc_dask.llm.served_tokenizer"):
         found = find_served_tokenizer(_llm(server))
         # said at WARNING (issue 24 item 9): it is slower and loads the server; how to avoid it
         assert "counted through the inference server" in caplog.text and "--tokenizer" in \
@@ -50,7 +49,7 @@ def test_counting_through_the_route_is_refused_where_it_would_dominate_unless_fo
     """Issue 24 item 9: the cost measured on the probe texts, projected over the input's
     documents; over the limit the run is refused with the numbers and both fixes, and
     ``--tokenizer served`` accepts the cost."""
-    from nemocc_dask.served_tokenizer import ServedCountingTooSlow
+    from nemocc_dask.llm.served_tokenizer import ServedCountingTooSlow
 
     with MockLLMServer(models=("tiny",), tokenizer=str(small)) as server:
         with pytest.raises(ServedCountingTooSlow, match=r"ms per text; about 70,000,000 texts "

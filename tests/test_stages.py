@@ -8,11 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nemocc_dask.gpu import gpu_available
-from nemocc_dask.stages import (count_tokens, filter_range, format_diverse_qa,
-                                format_knowledge_list, has_prefix, join_segments, remove_lines,
-                                remove_markdown, remove_quotations, slice_after, split_documents)
-from nemocc_dask.stages.diverse_qa import parse_qa_pairs
+from nemocc_dask.io.gpu import gpu_available
+from nemocc_dask.recipe.stages import (count_tokens, filter_range, format_diverse_qa,
+                                       format_knowledge_list, has_prefix, join_segments,
+                                       remove_lines, remove_markdown, remove_quotations,
+                                       slice_after, split_documents)
+from nemocc_dask.recipe.stages.diverse_qa import parse_qa_pairs
 
 BACKENDS = [
     "pandas",
@@ -226,7 +227,7 @@ def test_diverse_qa_same_output_on_1_or_3_partitions():
 
 
 def test_route_partition_threshold_and_invalid_quality(frame):
-    from nemocc_dask.stages.route import Route, route_partition
+    from nemocc_dask.recipe.stages.route import Route, route_partition
 
     df = frame({"id": [1, 2, 3, 4, 5], "q": ["12", "11", None, "high", "3.5"]})
     high, invalid = route_partition(df, Route("q", 11, high=True))
@@ -240,7 +241,7 @@ def test_route_partition_threshold_and_invalid_quality(frame):
 def test_join_sums_skip_missing_counts():
     import pandas as pd
 
-    from nemocc_dask.stages.segments import join_segments
+    from nemocc_dask.recipe.stages.segments import join_segments
 
     df = pd.DataFrame({"id": [1, 1], "segment_id": [0, 1], "text": ["a", "b"],
                        "tokens": pd.Series([3, None], dtype="Int64")})
@@ -250,8 +251,8 @@ def test_join_sums_skip_missing_counts():
 
 def test_diverse_qa_keeps_answers_with_bold_labels_glued_to_the_text(tokenizer):
     """Decision 6: `**Question:**What ...` (label bold, no space after it) is a valid pair."""
-    from nemocc_dask.presets import PRESETS, QA_PREFIX
-    from nemocc_dask.stages.postprocess import postprocess_partition
+    from nemocc_dask.recipe.presets import PRESETS, QA_PREFIX
+    from nemocc_dask.recipe.stages.postprocess import postprocess_partition
 
     answer = (f"{QA_PREFIX}\n**Question:**What does the delta support? "
               "**Answer:**Many species of birds.\n**Question:**What do wetlands do? "

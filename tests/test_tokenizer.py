@@ -1,11 +1,12 @@
 import math
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from nemocc_dask.presets import PRESETS
-from nemocc_dask.tokenizer import (count_tokens_list, load_tokenizer, max_segment_tokens,
-                                   prompt_overhead_tokens)
+from nemocc_dask.recipe.presets import PRESETS
+from nemocc_dask.recipe.tokenizer import (count_tokens_list, load_tokenizer, max_segment_tokens,
+                                          prompt_overhead_tokens)
 
 
 def test_default_tokenizer_matches_qwen_encoder(tokenizer):
@@ -97,12 +98,12 @@ def test_known_counts_are_reused_and_extended(tokenizer):
 
 def test_a_chosen_tokenizer_without_chat_template_is_named_in_a_warning(tmp_path, tokenizer,
                                                                         caplog):
-    from nemocc_dask.presets import PRESETS
-    from nemocc_dask.runner import _warn_without_chat_template
+    from nemocc_dask.recipe.presets import PRESETS
+    from nemocc_dask.run.runner import _warn_without_chat_template
 
     path = tmp_path / "tokenizer.json"
     tokenizer.backend_tokenizer.save(str(path))
-    with caplog.at_level("WARNING", logger="nemocc_dask.runner"):
+    with caplog.at_level("WARNING", logger="nemocc_dask.run.runner"):
         _warn_without_chat_template(None, [PRESETS["distill"]])
         assert not caplog.records  # the bundled default is counted as the reference counts
         _warn_without_chat_template(str(path), [PRESETS["distill"]])

@@ -12,14 +12,13 @@ import dask.dataframe as dd
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_docs
 
 from nemocc_dask import LLMConfig
 from nemocc_dask.errors import RunError
-from nemocc_dask.llm.mock import MockLLMServer
-from nemocc_dask.output_folder import OutputError
-from nemocc_dask.runner import run_to_parquet
-
-from conftest import make_docs
+from nemocc_dask.run.output_folder import OutputError
+from nemocc_dask.run.runner import run_to_parquet
+from nemocc_dask.testing.mock import MockLLMServer
 
 pytestmark = pytest.mark.slow
 

@@ -1,20 +1,17 @@
-"""Endpoint configuration, client protocol, per-worker pool, generation and the mock server."""
+"""The llm layer: talking to OpenAI-compatible endpoints. The endpoint configuration, the client
+protocol and HTTP client, the per-worker pool with its learned window, the cluster-wide budget
+on the scheduler (``budget`` is the one Dask adapter), the request timeout, the start-up check
+and finding the served model's tokenizer. No pandas, and no Dask outside ``budget`` and
+``pool_plugin``; it may import the recipe and io layers (a task's generation settings, token
+counts).
+"""
 
-from nemocc_dask.llm.client import (
-    AsyncLLMClient,
-    Completion,
-    LLMRequestError,
-    OpenAIHTTPClient,
-    RetryableError,
-    SyncLLMClient,
-)
+from nemocc_dask.llm.client import (AsyncLLMClient, Completion, LLMRequestError, OpenAIHTTPClient,
+                                    RetryableError, SyncLLMClient)
 from nemocc_dask.llm.config import LLMConfig
-from nemocc_dask.llm.generate import generate_partition
-from nemocc_dask.llm.mock import MockLLMServer
 from nemocc_dask.llm.preflight import PreflightError, preflight
 
 __all__ = [
-    "AsyncLLMClient", "Completion", "LLMConfig", "LLMRequestError", "MockLLMServer",
-    "OpenAIHTTPClient", "PreflightError", "RetryableError", "SyncLLMClient",
-    "generate_partition", "preflight",
+    "AsyncLLMClient", "Completion", "LLMConfig", "LLMRequestError", "OpenAIHTTPClient",
+    "PreflightError", "RetryableError", "SyncLLMClient", "preflight",
 ]

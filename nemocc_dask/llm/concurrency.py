@@ -46,6 +46,9 @@ level that overloaded and holds there (probes go on, so a server that grew is fo
 
 Floor: cuts come only from evidence (queueing sustained over an epoch, the queue gauges, or
 overload); the window is never below 1 and always has a way back up (probes, slow growth).
+
+One module because the controller is one algorithm: the tallies, the fitted latency line,
+cohorts, slow start, probes and the 429 cut only make sense read together.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from nemocc_dask.llm import timeouts
-from nemocc_dask.presets import TaskPreset
+from nemocc_dask.recipe.presets import TaskPreset
 
 GENERATION_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "n")
 

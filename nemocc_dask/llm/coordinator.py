@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import dask.config
 
-import nemocc_dask.cluster  # noqa: F401  (registers the nemocc.* config defaults)
+import nemocc_dask.config  # noqa: F401  (registers the nemocc.* config defaults)
 from nemocc_dask.llm.concurrency import Change, FixedWindow, Tally, WindowController
 
 DEMAND_MEMORY_SECONDS = 1.0  # a holder's demand counts as its peak over this long

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from nemocc_dask.llm.pool import PLUGIN_NAME, close_pools
+from nemocc_dask.llm.pools import PLUGIN_NAME, close_pools
 
 
 class PoolsPlugin(WorkerPlugin):

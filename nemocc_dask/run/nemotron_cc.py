@@ -1,0 +1,77 @@
+"""The full Nemotron-CC recipe: documents routed by quality bucket before preprocessing, low
+quality (``<= threshold``) to Wikipedia-style paraphrasing, high quality to the four other tasks,
+all in one graph so the input is read once and all tasks share each worker's pool and window.
+"""
+
+from __future__ import annotations
+
+import json
+
+from nemocc_dask import io
+from nemocc_dask.io.storage import as_path
+from nemocc_dask.llm.config import LLMConfig
+from nemocc_dask.recipe.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS
+from nemocc_dask.recipe.stages.route import Route, select_route
+from nemocc_dask.run.pipeline import require_columns, resolve_task, run_task
+from nemocc_dask.run.report import combine
+from nemocc_dask.run.runner import Job, run_jobs, start_checks
+
+
+def _routes(tasks, high_tasks, low_tasks) -> dict[str, bool]:
+    """task -> True for the high-quality route, False for the low one."""
+    high_tasks, low_tasks = tuple(high_tasks), tuple(low_tasks)
+    chosen = list(tasks) if tasks else list(low_tasks + high_tasks)
+    unknown = [t for t in chosen if t not in high_tasks + low_tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; the pipeline runs "
+                         f"{', '.join(low_tasks + high_tasks)}")
+    return {t: t in high_tasks for t in chosen}
+
+
+def _llm_for(task: str, llm: LLMConfig | dict) -> LLMConfig:
+    if isinstance(llm, LLMConfig):
+        return llm
+    if task not in llm and "default" not in llm:
+        raise ValueError(f"no LLMConfig for task {task!r}; give one per task or a 'default'")
+    return llm.get(task, llm.get("default"))
+
+
+def run_nemotron_cc(ddf, llm: LLMConfig | dict, *, tokenizer=None, text_field: str | None = None,
+                    id_field: str = "id", seed: int = 0, quality_field: str = "bucketed_results",
+                    threshold: float = 11, tasks=None, high_tasks=HIGH_QUALITY_TASKS,
+                    low_tasks=LOW_QUALITY_TASKS, **overrides) -> dict:
+    """One lazy frame per task (a dict). ``llm`` is one LLMConfig or a dict task -> LLMConfig (with
+    an optional ``"default"``). Documents with a missing or non-numeric quality are in no task."""
+    require_columns(ddf.columns, {"quality": quality_field})
+    frames = {}
+    for task, high in _routes(tasks, high_tasks, low_tasks).items():
+        routed = ddf.map_partitions(select_route, Route(quality_field, float(threshold), high),
+                                    meta=ddf._meta)
+        frames[task] = run_task(routed, task, _llm_for(task, llm), tokenizer=tokenizer,
+                                text_field=text_field, id_field=id_field, seed=seed, **overrides)
+    return frames
+
+
+def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict, *, tokenizer=None,
+                               text_field: str | None = None, id_field: str = "id", seed: int = 0,
+                               quality_field: str = "bucketed_results", threshold: float = 11,
+                               tasks=None, high_tasks=HIGH_QUALITY_TASKS,
+                               low_tasks=LOW_QUALITY_TASKS,
+                               overwrite: bool = False, retry_failed: bool = False,
+                               rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
+                               show_progress: bool = True, gpu: bool = False,
+                               wait_for_lock: float = 0.0, casts=None) -> dict:
+    """Write ``output/<task>/`` for every task (same layout and resume as ``run_to_parquet``) and
+    ``output/report.json`` (per task and total). Returns the per-task reports. ``casts``: see
+    ``runner.run_jobs``."""
+    with start_checks():
+        jobs = [Job(resolve_task(task, text_field), _llm_for(task, llm), as_path(output) / task,
+                    Route(quality_field, float(threshold), high))
+                for task, high in _routes(tasks, high_tasks, low_tasks).items()]
+    reports = run_jobs(data, jobs, tokenizer=tokenizer, id_field=id_field, seed=seed,
+                       overwrite=overwrite, retry_failed=retry_failed,
+                       rows_per_partition=rows_per_partition, show_progress=show_progress,
+                       gpu=gpu, wait_for_lock=wait_for_lock, casts=casts)
+    io.atomic_write_bytes(as_path(output) / "report.json",
+                          json.dumps(combine(reports), indent=1).encode())
+    return reports

@@ -1,0 +1,157 @@
+"""The live progress line of a run (partitions, answers, req/s, tok/s, each endpoint's window,
+queue and errors) and the per-endpoint series gathered from every worker at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+from nemocc_dask.io.storage import is_remote
+from nemocc_dask.llm.telemetry import describe_endpoints, merge_series
+from nemocc_dask.run.execution import distributed_client
+from nemocc_dask.run.partition_job import journal_path
+
+logger = logging.getLogger(__name__)
+
+
+STATUS_SECONDS = 2.0  # how often the progress line asks for the endpoints' status
+
+
+class Progress:
+    """A live status line: partitions done, answers received, req/s, tokens/s, errors.
+
+    Answers of running partitions are read from their journals (so it works whatever the
+    cluster); a finished partition counts what its stats say (its journal may be gone)."""
+
+    def __init__(self, out_dirs: list[Path], total_parts: int, enabled: bool = True,
+                 endpoint_statuses=None):
+        """``endpoint_statuses``: a callable returning every pool's endpoint statuses (see
+        ``telemetry.describe_endpoints``), asked every ``STATUS_SECONDS``."""
+        self.out_dirs, self.total = out_dirs, total_parts
+        self._statuses = endpoint_statuses
+        self._endpoints = ""
+        self.done = 0
+        self.enabled = enabled
+        self._live: dict[Path, list[int]] = {}  # journal -> [offset, answers, errors, tokens]
+        self._finished: dict[Path, tuple[int, int, int]] = {}
+        self._stop = threading.Event()
+        self._started = time.time()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _scan(self) -> None:
+        for out in self.out_dirs:
+            if is_remote(out):  # journals there are chunks; finished partitions still count
+                continue
+            for path in sorted((out / "journal").glob("*.jsonl")):
+                if path not in self._finished:
+                    self._read_journal(path)
+
+    def _read_journal(self, path: Path) -> None:
+        counts = self._live.setdefault(path, [0, 0, 0, 0])
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(counts[0])
+                data = fh.read()
+        except FileNotFoundError:  # finished meanwhile
+            return
+        end = data.rfind(b"\n") + 1
+        counts[0] += end
+        for line in data[:end].splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            counts[1] += 1
+            counts[2] += bool(record.get("error"))
+            counts[3] += record.get("completion_tokens") or 0
+
+    def finished(self, out_dir: Path, stats: dict) -> None:
+        """Count partition ``stats["partition"]`` of ``out_dir`` as done with its own numbers
+        (once, however often it is reported)."""
+        path = journal_path(out_dir, stats["partition"])
+        if path in self._finished:
+            return
+        self.done += 1
+        self._finished[path] = (stats["requests"], stats["failed_requests"],
+                                stats["completion_tokens"])
+        self._live.pop(path, None)
+
+    def line(self) -> str:
+        elapsed = max(1e-9, time.time() - self._started)
+        rows = [tuple(c[1:]) for p, c in list(self._live.items()) if p not in self._finished]
+        rows += list(self._finished.values())
+        answers, errors, tokens = (sum(column) for column in zip((0, 0, 0), *rows))
+        line = (f"partitions {self.done}/{self.total} | answers {answers} | "
+                f"{answers / elapsed:.1f} req/s | {tokens / elapsed:.0f} tok/s | "
+                f"errors {errors} | {elapsed:.0f} s")
+        return line + (f" || {self._endpoints}" if self._endpoints else "")
+
+    def _refresh_endpoints(self) -> None:
+        if self._statuses is None:
+            return
+        try:  # idle pools stop reporting: the line keeps the last status seen
+            self._endpoints = describe_endpoints(self._statuses()) or self._endpoints
+        except Exception as exc:  # a status is nice to have; the run goes on without it
+            logger.debug("no endpoint status: %s", exc)
+
+    def _loop(self) -> None:
+        tty = sys.stderr.isatty()
+        last = asked = 0.0
+        while not self._stop.wait(0.5):
+            self._scan()
+            if time.time() - asked >= STATUS_SECONDS:
+                self._refresh_endpoints()
+                asked = time.time()
+            if tty:
+                print("\r" + self.line(), end="", file=sys.stderr, flush=True)
+            elif time.time() - last >= 10:
+                print(self.line(), file=sys.stderr, flush=True)
+                last = time.time()
+
+    def __enter__(self) -> "Progress":
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+            self._scan()
+            print(("\r" if sys.stderr.isatty() else "") + self.line(), file=sys.stderr, flush=True)
+
+
+def endpoint_statuses() -> dict[str, list[dict]]:
+    """Every pool's endpoint status: from the scheduler's budget allocator (the pools report
+    there), or from this process's pools without a cluster."""
+    client = distributed_client()
+    if client is None:
+        from nemocc_dask.llm.pools import endpoint_statuses_here
+
+        return endpoint_statuses_here()
+    from nemocc_dask.llm.budget import endpoint_statuses
+
+    return client.run_on_scheduler(endpoint_statuses)
+
+
+def endpoint_series(since: float) -> dict[str, list[dict]]:
+    """Per endpoint, the merged per-interval series of every worker's pools since ``since``
+    (workers that left took theirs with them)."""
+    from nemocc_dask.llm.pools import endpoint_series
+
+    client = distributed_client()
+    try:
+        per_process = ([endpoint_series(since)] if client is None
+                       else list(client.run(endpoint_series, since).values()))
+    except Exception as exc:
+        logger.warning("no per-endpoint series for the report: %s", exc)
+        return {}
+    pools: dict[str, list[dict]] = {}
+    for series in per_process:
+        for name, buckets in series.items():
+            pools.setdefault(name, []).extend(buckets)
+    return {name: merge_series(buckets) for name, buckets in pools.items()}

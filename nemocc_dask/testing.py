@@ -1,6 +1,0 @@
-"""Test helpers for users' own tests and trials: the mock OpenAI-compatible server (also
-``nemocc-dask serve-mock``)."""
-
-from nemocc_dask.llm.mock import MockLLMServer, fake_answer
-
-__all__ = ["MockLLMServer", "fake_answer"]
