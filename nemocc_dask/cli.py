@@ -63,7 +63,7 @@ def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
                         help="restarts of a server that exits or stops answering (default 3)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default OPENAI_API_KEY)")
-    g.add_argument("--max-in-flight", type=_in_flight, default="auto",
+    g.add_argument("--max-in-flight", type=_auto_or(int, "a number"), default="auto",
                    help="requests in flight per endpoint across all workers together: 'auto' "
                         "(default) learns each endpoint's capacity from its /metrics queue or "
                         "its latency; a number fixes it")
@@ -75,7 +75,7 @@ def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
                    help="the served model's context (default: what /models reports, if anything);"
                         " prompts that cannot fit with max_tokens are not sent")
     g.add_argument("--max-retries", type=int, default=5)
-    g.add_argument("--timeout", type=_timeout, default="auto",
+    g.add_argument("--timeout", type=_auto_or(float, "seconds"), default="auto",
                    help="per-request timeout: 'auto' (default: follows the endpoint's latency "
                         "and the task's max tokens, 30 s to 30 min, stated in the report) or "
                         "fixed seconds")
@@ -131,24 +131,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--slurm-walltime")
 
 
-def _in_flight(value: str):
-    """--max-in-flight: 'auto' or a positive integer."""
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {value!r}") from None
-
-
-def _timeout(value: str):
-    """--timeout: 'auto' or a number of seconds."""
-    if value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or seconds, got {value!r}") from None
+def _auto_or(convert, what: str):
+    """An argparse type: ``'auto'`` or ``convert(value)`` (``what`` names it in the error)."""
+    def parse(value: str):
+        if value == "auto":
+            return value
+        try:
+            return convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or {what}, got {value!r}") from None
+    return parse
 
 
 def _serve_from_args(args):

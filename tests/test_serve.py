@@ -208,6 +208,14 @@ def test_cli_command_not_found_is_exit_2_with_the_fix(tmp_path):
     assert "'no-such-inference-server' was not found on PATH" in done.stderr
 
 
+def _served_run(tmp_path, task: str, mock_options: str, model: str, workers: int) -> list[str]:
+    """The CLI command of a run over ``tmp_path/docs.parquet`` that serves the mock itself."""
+    return [sys.executable, "-m", "nemocc_dask.cli", "run", "--task", task, "--input",
+            str(tmp_path / "docs.parquet"), "--output", str(tmp_path / "out"), "--serve",
+            f"{MOCK} {mock_options}", "--model", model, "--workers", str(workers),
+            "--no-progress"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop, status", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
 def test_cli_sigterm_or_ctrl_c_stops_the_run_and_every_server(tmp_path, stop, status):
@@ -217,10 +225,8 @@ def test_cli_sigterm_or_ctrl_c_stops_the_run_and_every_server(tmp_path, stop, st
     make_docs(200).to_parquet(tmp_path / "docs.parquet")
     marker = f"served-{uuid.uuid4().hex[:8]}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nemocc_dask.cli", "run", "--task", "knowledge_list", "--input",
-         str(tmp_path / "docs.parquet"), "--output", str(tmp_path / "out"), "--serve",
-         MOCK + f" --latency 0.5 --model {marker}", "--model", marker, "--workers", "2",
-         "--no-progress"], stderr=subprocess.PIPE, text=True, start_new_session=True,
+        _served_run(tmp_path, "knowledge_list", f"--latency 0.5 --model {marker}", marker, 2),
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(
@@ -413,10 +419,8 @@ def test_a_served_model_with_too_small_a_context_is_refused_with_the_number(tmp_
     make_docs(10).to_parquet(tmp_path / "docs.parquet")
     marker = f"small-{uuid.uuid4().hex[:8]}"
     done = subprocess.run(
-        [sys.executable, "-m", "nemocc_dask.cli", "run", "--task", "distill", "--input",
-         str(tmp_path / "docs.parquet"), "--output", str(tmp_path / "out"), "--serve",
-         MOCK + f" --max-model-len 2000 --model {marker}", "--model", marker, "--workers", "1",
-         "--no-progress"], capture_output=True, text=True, timeout=300)
+        _served_run(tmp_path, "distill", f"--max-model-len 2000 --model {marker}", marker, 1),
+        capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "task distill needs a context of 3600 tokens" in done.stderr
     assert "has 2000" in done.stderr and "-c 3600" in done.stderr
