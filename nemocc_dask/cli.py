@@ -114,6 +114,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="resend requests that failed in an earlier run")
     p.add_argument("--rows-per-partition", type=int, default=io.DEFAULT_ROWS_PER_PARTITION)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve the run's live figures (partitions, answers, errors, tokens, ETA, "
+                        "each endpoint's window, in flight and queue) in the Prometheus format "
+                        "at http://127.0.0.1:PORT/metrics (0: a free port, printed)")
     c = p.add_argument_group("cluster")
     c.add_argument("--cluster", choices=["local", "local-cuda", "slurm"])
     c.add_argument("--gpu", action="store_true",
@@ -254,7 +258,8 @@ def cmd_run(args) -> int:
                                 retry_failed=args.retry_failed,
                                 rows_per_partition=args.rows_per_partition,
                                 show_progress=not args.no_progress, gpu=args.gpu,
-                                wait_for_lock=args.wait_for_lock, casts=args.cast)
+                                wait_for_lock=args.wait_for_lock, casts=args.cast,
+                                metrics_port=args.metrics_port)
     _print_reports({report["task"]: report}, args.output)
     return 0
 
@@ -271,7 +276,8 @@ def cmd_nemotron_cc(args) -> int:
             text_field=args.text_field, id_field=args.id_field, seed=args.seed,
             overwrite=args.overwrite, retry_failed=args.retry_failed,
             rows_per_partition=args.rows_per_partition, show_progress=not args.no_progress,
-            gpu=args.gpu, wait_for_lock=args.wait_for_lock, casts=args.cast)
+            gpu=args.gpu, wait_for_lock=args.wait_for_lock, casts=args.cast,
+            metrics_port=args.metrics_port)
     _print_reports(reports, args.output)
     combined = combine(reports)
     print(json.dumps({"total": combined["total"]}, indent=1))

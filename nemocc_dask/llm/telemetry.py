@@ -106,30 +106,41 @@ def merge_series(series: list[dict[int, dict]]) -> list[dict]:
             for key, b in sorted(merged.items())]
 
 
-def describe_endpoints(statuses: dict[str, list[dict]]) -> str:
-    """One progress-line segment per endpoint from every pool's status: in flight / window (the
-    cluster's window, or the sum of the workers' own), the server's queue (from /metrics) or latency per token over the unloaded,
-    error rate, and whether a Retry-After pause is on."""
-    parts = []
+def summarise_endpoints(statuses: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per endpoint, from every pool's status: ``window`` (the cluster's, or the sum of the
+    workers' own), ``in_flight``, ``answers``, ``errors``, ``queue`` (the server's waiting
+    requests, None where it does not say), ``load`` (latency per token over the unloaded, None
+    when unknown) and ``paused`` (a Retry-After pause is on)."""
+    out = {}
     for name, holders in sorted(statuses.items()):
         if not holders:
             continue
         shared = [h["window"] for h in holders if h.get("shared")]  # the cluster's window
-        window = max(shared) if shared else sum(h["window"] for h in holders)
-        in_flight = sum(h["in_flight"] for h in holders)
-        answers = sum(h["answers"] for h in holders)
-        errors = sum(h["errors"] for h in holders)
         waiting = [h["waiting"] for h in holders if h.get("waiting") is not None]
-        text = f"{server_root(name).split('://', 1)[-1]} {in_flight}/{window}"
-        if waiting:
-            text += f" queue {max(waiting)}"
-        else:
-            loads = [h["per_token"] / h["unloaded"] for h in holders
-                     if h.get("per_token") and h.get("unloaded")]
-            if loads:
-                text += f" latency x{sum(loads) / len(loads):.1f}"
-        text += f" err {errors / max(1, answers + errors):.1%}"
-        if any(h.get("paused") for h in holders):
+        loads = [h["per_token"] / h["unloaded"] for h in holders
+                 if h.get("per_token") and h.get("unloaded")]
+        out[name] = {"window": max(shared) if shared else sum(h["window"] for h in holders),
+                     "in_flight": sum(h["in_flight"] for h in holders),
+                     "answers": sum(h["answers"] for h in holders),
+                     "errors": sum(h["errors"] for h in holders),
+                     "queue": max(waiting) if waiting else None,
+                     "load": sum(loads) / len(loads) if loads else None,
+                     "paused": any(h.get("paused") for h in holders)}
+    return out
+
+
+def describe_endpoints(statuses: dict[str, list[dict]]) -> str:
+    """One progress-line segment per endpoint (``summarise_endpoints``): in flight / window, the
+    server's queue or latency per token over the unloaded, error rate, a Retry-After pause."""
+    parts = []
+    for name, e in summarise_endpoints(statuses).items():
+        text = f"{server_root(name).split('://', 1)[-1]} {e['in_flight']}/{e['window']}"
+        if e["queue"] is not None:
+            text += f" queue {e['queue']}"
+        elif e["load"] is not None:
+            text += f" latency x{e['load']:.1f}"
+        text += f" err {e['errors'] / max(1, e['answers'] + e['errors']):.1%}"
+        if e["paused"]:
             text += " paused"
         parts.append(text)
     return " | ".join(parts)

@@ -60,10 +60,11 @@ def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict, *, tokenizer
                                overwrite: bool = False, retry_failed: bool = False,
                                rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
                                show_progress: bool = True, gpu: bool = False,
-                               wait_for_lock: float = 0.0, casts=None) -> dict:
+                               wait_for_lock: float = 0.0, casts=None,
+                               metrics_port: int | None = None) -> dict:
     """Write ``output/<task>/`` for every task (same layout and resume as ``run_to_parquet``) and
-    ``output/report.json`` (per task and total). Returns the per-task reports. ``casts``: see
-    ``runner.run_jobs``."""
+    ``output/report.json`` (per task and total). Returns the per-task reports. ``casts``,
+    ``metrics_port``: see ``runner.run_jobs``."""
     with start_checks():
         jobs = [Job(resolve_task(task, text_field), _llm_for(task, llm), as_path(output) / task,
                     Route(quality_field, float(threshold), high))
@@ -71,7 +72,8 @@ def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict, *, tokenizer
     reports = run_jobs(data, jobs, tokenizer=tokenizer, id_field=id_field, seed=seed,
                        overwrite=overwrite, retry_failed=retry_failed,
                        rows_per_partition=rows_per_partition, show_progress=show_progress,
-                       gpu=gpu, wait_for_lock=wait_for_lock, casts=casts)
+                       gpu=gpu, wait_for_lock=wait_for_lock, casts=casts,
+                       metrics_port=metrics_port)
     io.atomic_write_bytes(as_path(output) / "report.json",
                           json.dumps(combine(reports), indent=1).encode())
     return reports

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from nemocc_dask.io.storage import is_remote
-from nemocc_dask.llm.telemetry import describe_endpoints, merge_series
+from nemocc_dask.llm.telemetry import describe_endpoints, merge_series, summarise_endpoints
 from nemocc_dask.run.execution import distributed_client
 from nemocc_dask.run.partition_job import journal_path
 
@@ -28,12 +28,19 @@ class Progress:
     cluster); a finished partition counts what its stats say (its journal may be gone)."""
 
     def __init__(self, out_dirs: list[Path], total_parts: int, enabled: bool = True,
-                 endpoint_statuses=None):
+                 endpoint_statuses=None, metrics_port: int | None = None,
+                 metrics_host: str = "127.0.0.1"):
         """``endpoint_statuses``: a callable returning every pool's endpoint statuses (see
-        ``telemetry.describe_endpoints``), asked every ``STATUS_SECONDS``."""
+        ``telemetry.describe_endpoints``), asked every ``STATUS_SECONDS``. ``enabled``: print
+        the line; ``metrics_port``: also serve the figures for Prometheus (``run.metrics``;
+        0 picks a free port, see ``metrics_url``)."""
         self.out_dirs, self.total = out_dirs, total_parts
         self._statuses = endpoint_statuses
         self._endpoints = ""
+        self._summary: dict[str, dict] = {}
+        self._metrics = (metrics_host, metrics_port) if metrics_port is not None else None
+        self._metrics_server = None
+        self.metrics_url: str | None = None
         self.done = 0
         self.enabled = enabled
         self._live: dict[Path, list[int]] = {}  # journal -> [offset, answers, errors, tokens]
@@ -80,21 +87,37 @@ class Progress:
                                 stats["completion_tokens"])
         self._live.pop(path, None)
 
-    def line(self) -> str:
+    def snapshot(self) -> dict:
+        """The figures of the line (and of ``run.metrics``): partitions, answers, errors,
+        completion tokens, elapsed seconds, the ETA (None until a partition finished) and each
+        endpoint's summary (``telemetry.summarise_endpoints``)."""
         elapsed = max(1e-9, time.time() - self._started)
         rows = [tuple(c[1:]) for p, c in list(self._live.items()) if p not in self._finished]
         rows += list(self._finished.values())
         answers, errors, tokens = (sum(column) for column in zip((0, 0, 0), *rows))
-        line = (f"partitions {self.done}/{self.total} | answers {answers} | "
-                f"{answers / elapsed:.1f} req/s | {tokens / elapsed:.0f} tok/s | "
-                f"errors {errors} | {elapsed:.0f} s")
+        eta = elapsed / self.done * (self.total - self.done) if self.done else None
+        return {"partitions": self.total, "partitions_done": self.done, "answers": answers,
+                "errors": errors, "completion_tokens": tokens, "elapsed_seconds": elapsed,
+                "eta_seconds": eta, "endpoints": dict(self._summary)}
+
+    def line(self) -> str:
+        now = self.snapshot()
+        elapsed = now["elapsed_seconds"]
+        line = (f"partitions {self.done}/{self.total} | answers {now['answers']} | "
+                f"{now['answers'] / elapsed:.1f} req/s | "
+                f"{now['completion_tokens'] / elapsed:.0f} tok/s | errors {now['errors']} | "
+                f"{elapsed:.0f} s")
+        if now["eta_seconds"] is not None and self.done < self.total:
+            line += f" | ETA {_duration(now['eta_seconds'])}"
         return line + (f" || {self._endpoints}" if self._endpoints else "")
 
     def _refresh_endpoints(self) -> None:
         if self._statuses is None:
             return
         try:  # idle pools stop reporting: the line keeps the last status seen
-            self._endpoints = describe_endpoints(self._statuses()) or self._endpoints
+            statuses = self._statuses()
+            self._endpoints = describe_endpoints(statuses) or self._endpoints
+            self._summary = summarise_endpoints(statuses) or self._summary
         except Exception as exc:  # a status is nice to have; the run goes on without it
             logger.debug("no endpoint status: %s", exc)
 
@@ -106,6 +129,8 @@ class Progress:
             if time.time() - asked >= STATUS_SECONDS:
                 self._refresh_endpoints()
                 asked = time.time()
+            if not self.enabled:
+                continue
             if tty:
                 print("\r" + self.line(), end="", file=sys.stderr, flush=True)
             elif time.time() - last >= 10:
@@ -113,14 +138,25 @@ class Progress:
                 last = time.time()
 
     def __enter__(self) -> "Progress":
-        if self.enabled:
+        if self._metrics is not None:
+            from nemocc_dask.run.metrics import serve_metrics
+
+            host, port = self._metrics
+            self._metrics_server = serve_metrics(self, port, host)
+            self.metrics_url = f"http://{host}:{self._metrics_server.server_port}/metrics"
+            logger.warning("live metrics (Prometheus): %s", self.metrics_url)
+        if self.enabled or self._metrics is not None:
             self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
+        if self._thread.is_alive():
             self._stop.set()
             self._thread.join()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self.enabled:
             self._scan()
             print(("\r" if sys.stderr.isatty() else "") + self.line(), file=sys.stderr, flush=True)
 
@@ -155,3 +191,12 @@ def endpoint_series(since: float) -> dict[str, list[dict]]:
         for name, buckets in series.items():
             pools.setdefault(name, []).extend(buckets)
     return {name: merge_series(buckets) for name, buckets in pools.items()}
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``12 min``, ``3.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

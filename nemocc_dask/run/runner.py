@@ -195,7 +195,8 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
              seed: int = 0, overwrite: bool = False, retry_failed: bool = False,
              rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
              show_progress: bool = True, gpu: bool = False,
-             wait_for_lock: float = 0.0, casts=None) -> dict[str, dict]:
+             wait_for_lock: float = 0.0, casts=None,
+             metrics_port: int | None = None) -> dict[str, dict]:
     """Run several tasks over one input read once; returns each job's report by task name.
 
     Everything that can be checked is checked before the first request and before any output
@@ -208,7 +209,9 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
     ``wait_for_lock``: seconds to wait for another run to release an output folder.
     ``casts``: {column: "string" | "int64" | "double"} (or ``["id=string"]``), one declared type
     for a column whose input files disagree; other columns get one type decided from the files
-    (``input_types``), and every part is written in those types.
+    (``input_types``), and every part is written in those types. ``metrics_port``: serve
+    the run's live figures for Prometheus on 127.0.0.1 at that port (0: a free one; see
+    ``run.metrics``).
     """
     with contextlib.ExitStack() as servers:
         started = time.time()
@@ -281,7 +284,7 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                 logger.info("retrying failed requests in %d finished partition(s)",
                             sum(redone.values()))
             with Progress([j.out_dir for j in jobs], len(tasks), show_progress,
-                          endpoint_statuses) as progress:
+                          endpoint_statuses, metrics_port) as progress:
                 try:
                     compute(tasks, out_dirs, progress)
                 except (Preempted, RunError):
@@ -337,7 +340,8 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, *,
                    overwrite: bool = False, retry_failed: bool = False,
                    rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
                    show_progress: bool = True, gpu: bool = False,
-                   wait_for_lock: float = 0.0, casts=None, **overrides) -> dict:
+                   wait_for_lock: float = 0.0, casts=None, metrics_port: int | None = None,
+                   **overrides) -> dict:
     """Run one task over ``data`` (paths or a Dask DataFrame) into ``output``, resumably.
 
     Layout: ``parts/`` (kept rows, one parquet file per input partition), ``rejects/`` (removed
@@ -346,7 +350,8 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, *,
     in finished partitions and rewrites those partitions. Returns the report. ``gpu=True`` runs
     the stages on cuDF partitions (GPUError at once where there is no usable GPU).
     ``wait_for_lock``: seconds to wait while another run holds ``output`` (a requeued job that
-    starts while the old one drains) before refusing. ``casts``: see ``run_jobs``.
+    starts while the old one drains) before refusing. ``casts``, ``metrics_port``: see
+    ``run_jobs``.
     """
     with start_checks():
         preset = resolve_task(task, text_field, **overrides)
@@ -354,4 +359,5 @@ def run_to_parquet(data, output, task: str | TaskPreset, llm: LLMConfig, *,
     return run_jobs(data, [job], tokenizer=tokenizer, id_field=id_field, seed=seed,
                     overwrite=overwrite, retry_failed=retry_failed,
                     rows_per_partition=rows_per_partition, show_progress=show_progress,
-                    gpu=gpu, wait_for_lock=wait_for_lock, casts=casts)[preset.name]
+                    gpu=gpu, wait_for_lock=wait_for_lock, casts=casts,
+                    metrics_port=metrics_port)[preset.name]
