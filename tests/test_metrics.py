@@ -28,7 +28,7 @@ def _scrape(url: str) -> dict[tuple, float]:
 @pytest.mark.slow
 def test_a_run_serves_its_live_figures_for_prometheus(tmp_path):
     make_docs(60).to_parquet(tmp_path / "docs.parquet")
-    with MockLLMServer(latency=0.4) as server:
+    with MockLLMServer(latency=0.2) as server:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nemocc_dask.cli", "run", "--task", "knowledge_list",
              "--input", str(tmp_path / "docs.parquet"), "--output", str(tmp_path / "out"),

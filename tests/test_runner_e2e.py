@@ -370,8 +370,13 @@ def test_a_resume_does_not_read_unchanged_input_again(tmp_path, llm_server, monk
 
 
 def test_two_demos_write_to_folders_of_their_own():
-    runs = [subprocess.run(cli("demo", "--no-progress", "--workers", "1"), capture_output=True,
-                           text=True, timeout=300) for _ in range(2)]
+    started = [subprocess.Popen(cli("demo", "--no-progress", "--workers", "1"),  # two at once
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    runs = []
+    for proc in started:
+        out, err = proc.communicate(timeout=300)
+        runs.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     folders = [next(line.split("output: ", 1)[1] for line in r.stdout.splitlines()
                     if line.startswith("output: ")) for r in runs]
     assert all(r.returncode == 0 for r in runs) and folders[0] != folders[1]
