@@ -1,5 +1,5 @@
 """Leases that fence, as a user meets them: an external scheduler and two worker processes, one of
-them stopped for twice its lease in the middle of a CLI run (SIGSTOP: in life a GC pause, swap, a hung RPC)
+them stopped for 15 s in the middle of a CLI run (SIGSTOP: in life a GC pause, swap, a hung RPC)
 and then resumed. The server never sees more than --max-in-flight, and the output equals a clean
 run's."""
 
@@ -18,8 +18,6 @@ from conftest import make_docs
 from nemocc_dask.testing.mock import MockLLMServer
 
 BUDGET = 8
-LEASE_SECONDS = 4  # (default 10) every process of the test reads it from the environment
-STALL_SECONDS = 2 * LEASE_SECONDS
 
 
 def _start(args: list[str], log) -> subprocess.Popen:
@@ -45,11 +43,9 @@ def _run(args: list[str], log) -> subprocess.Popen:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_stalled_worker_is_fenced_and_the_server_never_sees_more_than_the_budget(
-        tmp_path, monkeypatch):
-    monkeypatch.setenv("DASK_NEMOCC__BUDGET__LEASE_SECONDS", str(LEASE_SECONDS))
+def test_a_stalled_worker_is_fenced_and_the_server_never_sees_more_than_the_budget(tmp_path):
     docs = tmp_path / "docs.parquet"
-    make_docs(240, paragraphs=1).to_parquet(docs)
+    make_docs(400, paragraphs=1).to_parquet(docs)
     scheduler_file = tmp_path / "scheduler.json"
     log = open(tmp_path / "cluster.log", "w")
     procs = [_start([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
@@ -73,7 +69,7 @@ def test_a_stalled_worker_is_fenced_and_the_server_never_sees_more_than_the_budg
                 time.sleep(0.1)
             stalled_at = time.monotonic()
             os.kill(workers[0].pid, signal.SIGSTOP)
-            time.sleep(STALL_SECONDS)
+            time.sleep(15)
             os.kill(workers[0].pid, signal.SIGCONT)
             resumed_at = time.monotonic()
             assert run.wait(timeout=240) == 0, (tmp_path / "run.log").read_text()
@@ -96,7 +92,7 @@ def test_a_stalled_worker_is_fenced_and_the_server_never_sees_more_than_the_budg
         log.close()
     assert peak <= BUDGET, (peak, (tmp_path / "cluster.log").read_text()[-3000:])
     assert max(during) == BUDGET  # the other worker took the stalled one's room meanwhile
-    assert resumed_at - stalled_at >= STALL_SECONDS
+    assert resumed_at - stalled_at >= 15
     # (whether the stopped worker held room at that instant depends on timing: the warning for
     # a late report is checked in test_budget.py on scripted reports)
     pd.testing.assert_frame_equal(_rows(tmp_path / "out"), _rows(tmp_path / "clean"))
