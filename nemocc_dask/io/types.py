@@ -118,11 +118,18 @@ def decide(observed: list[tuple[str, dict]], id_field: str, text_fields: tuple[s
             kind = wider
         types[name] = kind
     for name in text_fields:
-        kind = types.get(name)
-        if kind is not None and kind not in STRING_LIKE + ("null",):
-            raise InputTypeError(f"text column {name!r} holds {kind}, not text; pass the column "
-                                 "with the documents' text (--text-field / text_field=)")
+        if name in types:
+            require_text(types[name], name)
     return types
+
+
+def require_text(kind: str, name: str) -> None:
+    """InputTypeError when column ``name`` (of type ``kind``: an Arrow type, or the Python types
+    of a JSONL sample) cannot hold text (numbers, booleans, dates, lists): such a run would
+    write no rows, or pay for prompts made of stringified lists."""
+    if kind not in STRING_LIKE + ("null", "str", "object"):
+        raise InputTypeError(f"text column {name!r} holds {kind}, not text; pass the column "
+                             "with the documents' text (--text-field / text_field=)")
 
 
 def as_read(frame: pd.DataFrame, types: dict[str, str] | None,
@@ -134,25 +141,27 @@ def as_read(frame: pd.DataFrame, types: dict[str, str] | None,
         return frame
     out = frame
     for name, kind in types.items():
-        if name not in out.columns or name in text_fields:
-            continue
-        column = out[name]
-        if kind in STRING_LIKE and column.dtype == object:
-            odd = column.map(lambda v: v is not None and v == v and not isinstance(v, str))
-            if odd.any():
-                out = out if out is not frame else frame.copy()
-                out[name] = column.where(~odd, column.map(str))
-        elif kind in STRING_LIKE and column.dtype != object:
-            out = out if out is not frame else frame.copy()
-            out[name] = column.astype(object).where(column.notna(), None).map(
-                lambda v: v if v is None else str(v))
-        elif kind == "int64" and column.dtype == object:
-            out = out if out is not frame else frame.copy()
-            out[name] = pd.to_numeric(column).astype("Int64")
-        elif kind == "double" and column.dtype == object:
-            out = out if out is not frame else frame.copy()
-            out[name] = pd.to_numeric(column).astype("float64")
+        if name in frame.columns and name not in text_fields:
+            converted = _in_type(frame[name], kind)
+            if converted is not None:
+                out = frame.copy() if out is frame else out
+                out[name] = converted
     return out
+
+
+def _in_type(column: pd.Series, kind: str) -> pd.Series | None:
+    """``column`` with its values in type ``kind``, or None when they already are."""
+    if kind in STRING_LIKE and column.dtype == object:
+        odd = column.map(lambda v: v is not None and v == v and not isinstance(v, str))
+        return column.where(~odd, column.map(str)) if odd.any() else None
+    if kind in STRING_LIKE:
+        return column.astype(object).where(column.notna(), None).map(
+            lambda v: v if v is None else str(v))
+    if kind == "int64" and column.dtype == object:
+        return pd.to_numeric(column).astype("Int64")
+    if kind == "double" and column.dtype == object:
+        return pd.to_numeric(column).astype("float64")
+    return None
 
 
 def as_written(table, types: dict[str, str] | None):

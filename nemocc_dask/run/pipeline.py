@@ -22,16 +22,6 @@ def require_columns(columns, needed: dict[str, str]) -> None:
                              f"{present}. Pass the right name (e.g. --{role}-field / {role}_field=)")
 
 
-def require_text_column(stored_type: str, name: str) -> None:
-    """Raise ValueError when column ``name`` (stored as ``stored_type``: an Arrow type, or the
-    Python types of a JSONL sample) cannot hold text (numbers, booleans, dates, lists): such a
-    run would write no rows, or pay for prompts made of stringified lists."""
-    if stored_type in ("string", "large_string", "null", "str", "object", "string_view"):
-        return
-    raise ValueError(f"text column {name!r} holds {stored_type}, not text; pass the column with "
-                     "the documents' text (--text-field / text_field=)")
-
-
 def resolve_task(task: str | TaskPreset, text_field: str | None = None,
                  **overrides) -> TaskPreset:
     """The preset for ``task`` with overrides; ``text_field`` becomes the preset's input field."""

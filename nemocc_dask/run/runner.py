@@ -40,7 +40,7 @@ from nemocc_dask.run.inputs import (INPUT_CACHE, checked_input, load_input, read
 from nemocc_dask.run.output_folder import (MANIFEST, SERVE_LOGS, LockLost, OutputError, OutputLock,
                                            check_output, prepare_output)
 from nemocc_dask.run.partition_job import PartitionPlan, finished_stats, process_partition
-from nemocc_dask.run.pipeline import require_columns, require_text_column, resolve_task
+from nemocc_dask.run.pipeline import require_columns, resolve_task
 from nemocc_dask.run.progress import Progress, endpoint_series, endpoint_statuses
 from nemocc_dask.run.report import aggregate, this_run, with_history
 
@@ -230,8 +230,8 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                 if job.route is not None:
                     needed["quality"] = job.route.field
                 require_columns(ddf.columns, needed)
-                require_text_column(stored_type(pieces, ddf, job.preset.input_field),
-                                    job.preset.input_field)
+                input_types.require_text(stored_type(pieces, ddf, job.preset.input_field),
+                                         job.preset.input_field)
             for job in jobs:  # before any server starts: is the folder free and this run's?
                 output_folder.wait_for_lock(job.out_dir, wait_for_lock)
                 if job.llm.serve is not None:
