@@ -108,6 +108,12 @@ def answers_so_far(out: Path) -> int:
     return journals + finished
 
 
+def open_journals_mid_way(out: Path, workers: int, at_most: int = 6) -> bool:
+    """Whether ``workers`` partitions are open, each with 1..``at_most`` journaled answers."""
+    lines = [len(j.read_bytes().splitlines()) for j in out.glob("journal/*.jsonl")]
+    return len(lines) >= workers and all(1 <= n <= at_most for n in lines)
+
+
 def test_lost_worker_loses_nothing(tmp_path, docs_parquet):
     import threading
 
@@ -116,16 +122,18 @@ def test_lost_worker_loses_nothing(tmp_path, docs_parquet):
     out = tmp_path / "out"
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, \
             Client(cluster) as client, MockLLMServer(latency=0.2) as server:
-        llm = LLMConfig(base_url=server.base_url, model="mock", max_in_flight=8)
+        llm = LLMConfig(base_url=server.base_url, model="mock", max_in_flight=4)
         reference = run_to_parquet(docs_parquet, tmp_path / "reference", "knowledge_list", llm,
                                    rows_per_partition=10, show_progress=False)
         at_kill = {}
 
         def kill_one_worker():
-            deadline = time.time() + 60
-            while time.time() < deadline and answers_so_far(out) < 5:  # partitions under way
-                time.sleep(0.05)
             pid = list(client.run(os.getpid).values())[0]
+            deadline = time.time() + 60
+            # both workers' partitions have journaled answers (so the killed attempt paid for
+            # some) and none is near its end (so it cannot finish before the kill lands)
+            while time.time() < deadline and not open_journals_mid_way(out, workers=2):
+                time.sleep(0.02)
             at_kill["finished"] = len(list((out / "parts").glob("*.parquet"))) \
                 if (out / "parts").exists() else 0
             os.kill(pid, signal.SIGKILL)
