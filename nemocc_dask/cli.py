@@ -34,7 +34,7 @@ from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.recipe.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS, PRESETS
 from nemocc_dask.run.cluster import make_client, parse_adapt
 from nemocc_dask.run.report import combine, render_table
-from nemocc_dask.run.runner import start_checks
+from nemocc_dask.run.start import start_checks
 
 
 def _add_endpoint_options(p: argparse.ArgumentParser) -> None:

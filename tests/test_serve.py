@@ -246,9 +246,9 @@ def test_cli_sigterm_or_ctrl_c_stops_the_run_and_every_server(tmp_path, stop, st
 
 
 def test_serving_without_a_cluster_says_how_to_get_one(tmp_path, monkeypatch):
-    from nemocc_dask.run import runner
+    from nemocc_dask.run import start
 
-    monkeypatch.setattr(runner, "distributed_client", lambda: None)
+    monkeypatch.setattr(start, "distributed_client", lambda: None)
     make_docs(5).to_parquet(tmp_path / "docs.parquet")
     with pytest.raises(StartError, match="needs a Dask cluster"):
         run_to_parquet(tmp_path / "docs.parquet", tmp_path / "out", "knowledge_list",

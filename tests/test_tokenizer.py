@@ -99,11 +99,11 @@ def test_known_counts_are_reused_and_extended(tokenizer):
 def test_a_chosen_tokenizer_without_chat_template_is_named_in_a_warning(tmp_path, tokenizer,
                                                                         caplog):
     from nemocc_dask.recipe.presets import PRESETS
-    from nemocc_dask.run.runner import _warn_without_chat_template
+    from nemocc_dask.run.start import _warn_without_chat_template
 
     path = tmp_path / "tokenizer.json"
     tokenizer.backend_tokenizer.save(str(path))
-    with caplog.at_level("WARNING", logger="nemocc_dask.run.runner"):
+    with caplog.at_level("WARNING", logger="nemocc_dask.run.start"):
         _warn_without_chat_template(None, [PRESETS["distill"]])
         assert not caplog.records  # the bundled default is counted as the reference counts
         _warn_without_chat_template(str(path), [PRESETS["distill"]])

@@ -16,8 +16,8 @@ from nemocc_dask.io import types as input_types
 from nemocc_dask.io.storage import as_path, is_remote
 from nemocc_dask.run.output_folder import OutputError
 
-if TYPE_CHECKING:  # the runner imports this module
-    from nemocc_dask.run.runner import Job
+if TYPE_CHECKING:  # run.start imports this module
+    from nemocc_dask.run.start import Job
 
 
 def refuse_output_inside_input(data, jobs: list[Job]) -> None:

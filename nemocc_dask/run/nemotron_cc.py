@@ -14,7 +14,8 @@ from nemocc_dask.recipe.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS
 from nemocc_dask.recipe.stages.route import Route, select_route
 from nemocc_dask.run.pipeline import require_columns, resolve_task, run_task
 from nemocc_dask.run.report import combine
-from nemocc_dask.run.runner import Job, run_jobs, start_checks
+from nemocc_dask.run.runner import run_jobs
+from nemocc_dask.run.start import Job, start_checks
 
 
 def _routes(tasks, high_tasks, low_tasks) -> dict[str, bool]:
