@@ -21,6 +21,7 @@ from nemocc_dask.recipe.tokenizer import load_tokenizer, prompt_overhead_tokens
 from nemocc_dask.run.cluster import make_client
 from nemocc_dask.run.nemotron_cc import run_nemotron_cc, run_nemotron_cc_to_parquet
 from nemocc_dask.run.pipeline import generate, postprocess, preprocess, run_task
+from nemocc_dask.run.plan import plan, plan_nemotron_cc
 from nemocc_dask.run.runner import run_to_parquet
 from nemocc_dask.testing import MockLLMServer
 
@@ -29,6 +30,7 @@ __all__ = [
     "RunError",
     "StartError", "TaskPreset", "find_served_tokenizer", "generate", "get_preset",
     "load_tokenizer", "make_client",
-    "make_task", "postprocess", "preprocess", "prompt_overhead_tokens", "read_input",
+    "make_task", "plan", "plan_nemotron_cc", "postprocess", "preprocess",
+    "prompt_overhead_tokens", "read_input",
     "run_nemotron_cc", "run_nemotron_cc_to_parquet", "run_task", "run_to_parquet", "to_gpu",
 ]

@@ -1,4 +1,4 @@
-"""The ``nemocc-dask`` command: run, nemotron-cc, demo, serve-mock, presets.
+"""The ``nemocc-dask`` command: run, nemotron-cc, plan, demo, serve-mock, presets, verify.
 
 Exit status: 0 when a run finished (even with failed rows, which the summary shows); 2 when it could
 not start (bad input, settings, prompt file, output folder, endpoint, cluster, GPU), with the fix in
@@ -33,6 +33,7 @@ from nemocc_dask.io.gpu import require_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.recipe.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS, PRESETS
 from nemocc_dask.run.cluster import make_client, parse_adapt
+from nemocc_dask.run.plan import PROBE_REQUESTS, SAMPLE_DOCUMENTS
 from nemocc_dask.run.report import combine, render_table
 from nemocc_dask.run.start import start_checks
 
@@ -89,7 +90,9 @@ def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
                         "fail after retries (checked after 50 requests; default 0.5; 1 = never)")
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, planning: bool = False) -> None:
+    """The input, output, tokenizer and cluster options (``planning``: without the options
+    that only a run has)."""
     p.add_argument("--input", action="append", required=True,
                    help="parquet/JSONL file or folder (repeatable)")
     p.add_argument("--output", required=True, help="output folder (resumed when rerun)")
@@ -106,18 +109,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "files disagree, e.g. --cast id=string (repeatable; other columns get "
                         "one type decided from the files)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-row sampling (diverse_qa)")
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output")
     p.add_argument("--wait-for-lock", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for another run to release --output (a requeued job "
                         "that starts while the old one drains) before refusing (default 0)")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="resend requests that failed in an earlier run")
     p.add_argument("--rows-per-partition", type=int, default=io.DEFAULT_ROWS_PER_PARTITION)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve the run's live figures (partitions, answers, errors, tokens, ETA, "
-                        "each endpoint's window, in flight and queue) in the Prometheus format "
-                        "at http://127.0.0.1:PORT/metrics (0: a free port, printed)")
+    if not planning:
+        _add_run_only_options(p)
     c = p.add_argument_group("cluster")
     c.add_argument("--cluster", choices=["local", "local-cuda", "slurm"])
     c.add_argument("--gpu", action="store_true",
@@ -133,6 +130,53 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--slurm-queue")
     c.add_argument("--slurm-account")
     c.add_argument("--slurm-walltime")
+
+
+def _add_run_only_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="discard an earlier run in --output")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="resend requests that failed in an earlier run")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve the run's live figures (partitions, answers, errors, tokens, ETA, "
+                        "each endpoint's window, in flight and queue) in the Prometheus format "
+                        "at http://127.0.0.1:PORT/metrics (0: a free port, printed)")
+
+
+def _add_quality_options(p: argparse.ArgumentParser) -> None:
+    """The quality route's options (the nemotron-cc pipeline)."""
+    p.add_argument("--quality-field", default="bucketed_results",
+                   help="the column with each document's quality bucket (0-19 in "
+                        "Nemotron-CC); documents at or below --threshold are low quality "
+                        "(paraphrased), the others high quality (the four other tasks)")
+    p.add_argument("--threshold", type=float, default=11,
+                   help="buckets > threshold are high quality (default 11)")
+    p.add_argument("--tasks", help="comma-separated subset of: "
+                                   + ",".join(LOW_QUALITY_TASKS + HIGH_QUALITY_TASKS))
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("plan")
+    g.add_argument("--sample-documents", type=int, default=SAMPLE_DOCUMENTS, metavar="N",
+                   help="count the requests of about N input rows, evenly spread over the "
+                        f"partitions (default {SAMPLE_DOCUMENTS:,}); the rest is projected")
+    g.add_argument("--exact", action="store_true", help="count every input row")
+    g.add_argument("--probe-requests", type=int, default=PROBE_REQUESTS, metavar="N",
+                   help="requests in the probe's first round (shared among the tasks by their "
+                        "requests), doubled each round until the answer rate stops rising "
+                        f"(default {PROBE_REQUESTS}; journaled: the run reuses them; 0: no "
+                        "probe, counts only)")
+    g.add_argument("--endpoints", type=int, metavar="N",
+                   help="endpoints the run will have (default: the ones given; the probe's "
+                        "rate is scaled to them)")
+    g.add_argument("--gpus-per-endpoint", type=float, default=1.0,
+                   help="GPUs behind each endpoint, for GPU-hours (default 1)")
+    g.add_argument("--price-input", type=float, metavar="PRICE",
+                   help="price per million prompt tokens (for the cost)")
+    g.add_argument("--price-output", type=float, metavar="PRICE",
+                   help="price per million completion tokens (for the cost)")
+    g.add_argument("--plan-file", help="where to write the plan as JSON (default "
+                                       "OUTPUT/plan.json)")
 
 
 def _auto_or(convert, what: str):
@@ -284,6 +328,40 @@ def cmd_nemotron_cc(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from nemocc_dask.recipe.task_file import load_task_file
+    from nemocc_dask.run.plan import plan, plan_nemotron_cc, render_plan
+
+    options = dict(tokenizer=args.tokenizer, text_field=args.text_field, id_field=args.id_field,
+                   seed=args.seed, rows_per_partition=args.rows_per_partition, casts=args.cast,
+                   sample_documents=None if args.exact else args.sample_documents,
+                   probe_requests=args.probe_requests, endpoints=args.endpoints,
+                   gpus_per_endpoint=args.gpus_per_endpoint, price_input=args.price_input,
+                   price_output=args.price_output, wait_for_lock=args.wait_for_lock,
+                   gpu=args.gpu, plan_file=args.plan_file)
+    if args.pipeline == "nemotron-cc":
+        if args.task or args.prompt_file:
+            raise ConfigError("--pipeline nemotron-cc plans its own tasks: choose them with "
+                              "--tasks, not --task or --prompt-file")
+        tasks = [t for t in (args.tasks or "").split(",") if t] or None
+        llm = _llm_from_args(args)
+        with _client(args):
+            result = plan_nemotron_cc(args.input, args.output, llm,
+                                      quality_field=args.quality_field,
+                                      threshold=args.threshold, tasks=tasks, **options)
+    else:
+        if not args.task and not args.prompt_file:
+            raise ConfigError("give --task NAME (one of " + ", ".join(PRESETS) + "), "
+                              "--prompt-file, or --pipeline nemotron-cc")
+        task = load_task_file(args.prompt_file) if args.prompt_file else args.task
+        llm = _llm_from_args(args)
+        with _client(args):
+            result = plan(args.input, args.output, task, llm, **options)
+    print(render_plan(result))
+    print(f"plan: {args.plan_file or Path(args.output) / 'plan.json'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from nemocc_dask.run.runner import run_to_parquet
     from nemocc_dask.testing.mock import MockLLMServer
@@ -368,17 +446,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(fn=cmd_run)
 
     full = sub.add_parser("nemotron-cc", help="the quality-routed five-task pipeline")
-    full.add_argument("--quality-field", default="bucketed_results",
-                      help="the column with each document's quality bucket (0-19 in "
-                           "Nemotron-CC); documents at or below --threshold are low quality "
-                           "(paraphrased), the others high quality (the four other tasks)")
-    full.add_argument("--threshold", type=float, default=11,
-                      help="buckets > threshold are high quality (default 11)")
-    full.add_argument("--tasks", help="comma-separated subset of: "
-                                      + ",".join(LOW_QUALITY_TASKS + HIGH_QUALITY_TASKS))
+    _add_quality_options(full)
     _add_run_options(full)
     _add_endpoint_options(full)
     full.set_defaults(fn=cmd_nemotron_cc)
+
+    planned = sub.add_parser("plan", help="what a run will take (requests, tokens, rows, disk, "
+                                           "wall time, GPU-hours, cost), from a counted "
+                                           "sample and a short probe of the endpoint")
+    planned.add_argument("--task", choices=list(PRESETS))
+    planned.add_argument("--prompt-file", help="custom task as TOML, YAML or JSON")
+    planned.add_argument("--pipeline", choices=["nemotron-cc"],
+                         help="plan the quality-routed five-task pipeline instead of one task")
+    _add_quality_options(planned)
+    _add_run_options(planned, planning=True)
+    _add_endpoint_options(planned)
+    _add_plan_options(planned)
+    planned.set_defaults(fn=cmd_plan)
 
     demo = sub.add_parser("demo", help="bundled sample + in-process mock server + LocalCluster "
                                        "(LocalCUDACluster with --gpu)")

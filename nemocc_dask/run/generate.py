@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 from nemocc_dask.io import atomic_write_bytes, naming, storage
@@ -170,8 +171,12 @@ def _journal_record(line: bytes) -> dict | None:
     return record
 
 
-def _record(result: Result) -> dict:
-    """The journal record of one result; an answer without content becomes ``empty_response``."""
+PLAN_TAG = "plan"  # journal records of ``plan``'s probe carry {"by": "plan"}
+
+
+def _record(result: Result, answered_by: str | None = None) -> dict:
+    """The journal record of one result (``answered_by``: a tag, e.g. the plan's probe); an
+    answer without content becomes ``empty_response``."""
     c = result.completion
     error, error_class = result.error, result.error_class
     if error is None and c is not None and c.text is None:
@@ -185,7 +190,7 @@ def _record(result: Result) -> dict:
             "endpoint": result.endpoint, "latency": round(result.latency, 4),
             "attempts": result.attempts, "failed_endpoints": result.failed_endpoints,
             "retried": dict(collections.Counter(result.retried)),
-            "at": round(time.time(), 3)}
+            "at": round(time.time(), 3), **({"by": answered_by} if answered_by else {})}
 
 
 def _answered_at(record: dict) -> float:
@@ -198,7 +203,7 @@ def _answered_at(record: dict) -> float:
 
 def new_stats() -> dict:
     return {"requests": 0, "attempts": 0, "retries": 0, "reused_answers": 0, "duplicate_prompts": 0,
-            "journal_lines_skipped": 0, "lost_attempt_answers": 0,
+            "journal_lines_skipped": 0, "lost_attempt_answers": 0, "plan_answers": 0,
             "failed_requests": 0, "recovered": 0, "failed_by_class": collections.Counter(),
             "retries_by_class": collections.Counter(), "endpoints": {}}
 
@@ -218,7 +223,7 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
                        journal_path: str | None = None, retry_failed: bool = False,
                        return_stats: bool = False, check_endpoint: bool = False,
                        journal_dir: str | None = None, partition_info: dict | None = None,
-                       run_started: float | None = None):
+                       run_started: float | None = None, answered_by: str | None = None):
     """Add the task's output field and the ``llm_*`` columns to one partition of segments.
 
     Reads the preset's input field. A prompt longer than ``max_input_tokens``, or than the served
@@ -229,56 +234,83 @@ def generate_partition(df, preset: TaskPreset, llm: LLMConfig, tokenizer=None,
     ``check_endpoint``: check the endpoint once in this process before the first request.
     ``run_started``: when the run began (epoch seconds): journaled answers from after it were
     paid by an attempt of this run that died (a killed worker), counted as
-    ``lost_attempt_answers``. Returns the frame, or (frame, stats) with ``return_stats``.
+    ``lost_attempt_answers``; reused answers of ``plan``'s probe count as ``plan_answers``.
+    ``answered_by``: a tag written into the new journal records. Returns the frame, or (frame,
+    stats) with ``return_stats``.
     """
     if journal_dir is not None and partition_info is not None:
         journal_path = f"{journal_dir.rstrip('/')}/part-{partition_info['number']:05d}.jsonl"
     context = llm.max_model_len
     if check_endpoint and len(df):
         context = preflight_once(llm)
-    tok = load_tokenizer(tokenizer)
-    texts = to_host_list(df[preset.input_field])
-    settings = llm.request_settings(preset)
-    limit, why = prompt_limit(preset.max_input_tokens, context, settings.get("max_tokens"))
-    overhead = prompt_overhead_tokens(tok, preset)
-    lengths = count_tokens_list(tok, texts, add_special_tokens=False)
+    prompts = build_prompts(df, preset, llm, load_tokenizer(tokenizer), context)
     stats = new_stats()
     records: dict[str, dict] = {}
-    row_keys: list[str | None] = []
     pending: dict[str, Request] = {}
     journal = Journal(journal_path) if journal_path else None
     known = journal.load() if journal else {}
     stats["journal_lines_skipped"] = journal.skipped if journal else 0
-    for text, n_tokens in zip(texts, lengths):
-        if not isinstance(text, str) or not text:
-            row_keys.append("invalid_text: the input text is missing or empty")
+    for key in prompts.row_keys:
+        request = prompts.requests.get(key)
+        if request is None:  # not sent: the key is the reason
             continue
-        if n_tokens + overhead > limit:
-            row_keys.append(f"prompt_too_long: {n_tokens + overhead} tokens > {why}")
-            continue
-        messages = preset.messages(text)
-        key = request_key(messages, settings)
-        row_keys.append(key)
         old = known.get(key)
         if old is not None and not (retry_failed and old.get("error")):
             records[key] = old
             stats["reused_answers"] += 1
+            stats["plan_answers"] += old.get("by") == PLAN_TAG
             if run_started is not None and _answered_at(old) >= run_started:
                 stats["lost_attempt_answers"] += 1  # paid in this run, by an attempt that died
         elif key in pending:
             stats["duplicate_prompts"] += 1
         else:
-            pending[key] = Request(key, messages, settings)
+            pending[key] = request
     if pending:
         pool = get_pool(llm)
-        _send(pending, pool, journal, records, stats, known)
+        _send(pending, pool, journal, records, stats, known, answered_by)
         for name, seconds in pool.timeouts().items():  # the automatic timeout, for the report
             stats["endpoints"].setdefault(name, {"requests": 0, "errors": 0, "latency_sum": 0.0})[
                 "timeout_seconds"] = seconds
     stats["failed_requests"] = sum(1 for r in records.values() if r.get("error"))
     stats["retries"] = stats["attempts"] - stats["requests"]
-    out = _with_results(df, preset, llm, row_keys, records, stats)
+    out = _with_results(df, preset, llm, prompts.row_keys, records, stats)
     return (out, stats) if return_stats else out
+
+
+@dataclass
+class Prompts:
+    """The requests of one partition: per row, its request key or the reason it is not sent
+    (``prompt_too_long: ...``, ``invalid_text: ...``); the distinct requests by key, and each
+    one's prompt tokens (text plus the prompt's overhead, as counted by the run's tokenizer)."""
+
+    row_keys: list[str]
+    requests: dict[str, Request]
+    prompt_tokens: dict[str, int]
+
+
+def build_prompts(df, preset: TaskPreset, llm: LLMConfig, tokenizer,
+                  context: int | None) -> Prompts:
+    """The requests ``df``'s rows (segments, the preset's input field) make under ``llm``'s
+    settings and the served ``context``; ``tokenizer``: a loaded tokenizer."""
+    texts = to_host_list(df[preset.input_field])
+    settings = llm.request_settings(preset)
+    limit, why = prompt_limit(preset.max_input_tokens, context, settings.get("max_tokens"))
+    overhead = prompt_overhead_tokens(tokenizer, preset)
+    lengths = count_tokens_list(tokenizer, texts, add_special_tokens=False)
+    prompts = Prompts([], {}, {})
+    for text, n_tokens in zip(texts, lengths):
+        if not isinstance(text, str) or not text:
+            prompts.row_keys.append("invalid_text: the input text is missing or empty")
+            continue
+        if n_tokens + overhead > limit:
+            prompts.row_keys.append(f"prompt_too_long: {n_tokens + overhead} tokens > {why}")
+            continue
+        messages = preset.messages(text)
+        key = request_key(messages, settings)
+        prompts.row_keys.append(key)
+        prompts.requests.setdefault(key, Request(key, messages, settings))
+        prompts.prompt_tokens[key] = n_tokens + overhead
+    return prompts
 
 
 def prompt_limit(max_input_tokens: int, context: int | None,
@@ -293,7 +325,7 @@ def prompt_limit(max_input_tokens: int, context: int | None,
 
 
 def _send(pending: dict[str, Request], pool, journal: Journal | None, records: dict,
-          stats: dict, known: dict[str, dict]) -> None:
+          stats: dict, known: dict[str, dict], answered_by: str | None = None) -> None:
     """Stream ``pending`` through ``pool``, journaling each answer as it arrives (aborted requests
     are not journaled: they were never answered). A pending key already in the journal
     (``known``) is a failure being retried; its success counts as ``recovered``. Raises EndpointsBroken after journaling when
@@ -304,7 +336,7 @@ def _send(pending: dict[str, Request], pool, journal: Journal | None, records: d
             for result in results:
                 if result.aborted:
                     continue
-                record = _record(result)
+                record = _record(result, answered_by)
                 records[result.key] = record
                 stats["requests"] += 1
                 stats["attempts"] += record["attempts"]

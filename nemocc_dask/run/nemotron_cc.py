@@ -53,6 +53,15 @@ def run_nemotron_cc(ddf, llm: LLMConfig | dict, *, tokenizer=None, text_field: s
     return frames
 
 
+def nemotron_cc_jobs(output, llm: LLMConfig | dict, text_field: str | None = None,
+                     quality_field: str = "bucketed_results", threshold: float = 11, tasks=None,
+                     high_tasks=HIGH_QUALITY_TASKS, low_tasks=LOW_QUALITY_TASKS) -> list[Job]:
+    """One Job per task of the pipeline, each into ``output/<task>/`` on its quality route."""
+    return [Job(resolve_task(task, text_field), _llm_for(task, llm), as_path(output) / task,
+                Route(quality_field, float(threshold), high))
+            for task, high in _routes(tasks, high_tasks, low_tasks).items()]
+
+
 def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict, *, tokenizer=None,
                                text_field: str | None = None, id_field: str = "id", seed: int = 0,
                                quality_field: str = "bucketed_results", threshold: float = 11,
@@ -67,9 +76,8 @@ def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict, *, tokenizer
     ``output/report.json`` (per task and total). Returns the per-task reports. ``casts``,
     ``metrics_port``: see ``runner.run_jobs``."""
     with start_checks():
-        jobs = [Job(resolve_task(task, text_field), _llm_for(task, llm), as_path(output) / task,
-                    Route(quality_field, float(threshold), high))
-                for task, high in _routes(tasks, high_tasks, low_tasks).items()]
+        jobs = nemotron_cc_jobs(output, llm, text_field, quality_field, threshold, tasks,
+                                high_tasks, low_tasks)
     reports = run_jobs(data, jobs, tokenizer=tokenizer, id_field=id_field, seed=seed,
                        overwrite=overwrite, retry_failed=retry_failed,
                        rows_per_partition=rows_per_partition, show_progress=show_progress,

@@ -158,6 +158,7 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
         "requests": gen_stats["requests"], "attempts": gen_stats["attempts"],
         "retries": gen_stats["retries"], "reused_answers": gen_stats["reused_answers"],
         "lost_attempt_answers": gen_stats["lost_attempt_answers"],
+        "plan_answers": gen_stats["plan_answers"],
         "journal_lines_skipped": gen_stats["journal_lines_skipped"],
         "duplicate_prompts": gen_stats["duplicate_prompts"],
         "failed_requests": gen_stats["failed_requests"], "recovered": gen_stats["recovered"],

@@ -13,7 +13,7 @@ from collections import Counter
 _SUMMED = ("input_rows", "documents_in", "documents_written", "documents_invalid_quality",
            "documents_other_route", "segments", "rows_written", "requests", "attempts", "retries",
            "reused_answers", "duplicate_prompts", "failed_requests", "recovered", "prompt_tokens",
-           "completion_tokens", "journal_lines_skipped")
+           "completion_tokens", "journal_lines_skipped", "plan_answers")
 _COUNTERS = ("documents_not_written", "rows_rejected", "failed_by_class", "retries_by_class")
 
 
@@ -54,7 +54,7 @@ def accounting_errors(report: dict, expected_rows: int | None = None,
 
 
 _THIS_RUN = ("requests", "attempts", "retries", "reused_answers", "failed_requests",
-             "prompt_tokens", "completion_tokens", "journal_lines_skipped")
+             "prompt_tokens", "completion_tokens", "journal_lines_skipped", "plan_answers")
 
 
 def this_run(stats: list[dict], started: float, wall_seconds: float) -> dict:
@@ -68,6 +68,7 @@ def this_run(stats: list[dict], started: float, wall_seconds: float) -> dict:
     out["requests"] += lost
     out["reused_answers"] -= lost
     out["requests_of_lost_attempts"] = lost
+    out["reused_answers"] -= out["plan_answers"]  # the plan's probe paid them, not this run
     out["partitions"] = len(mine)
     out["wall_seconds"] = round(wall_seconds, 3)
     out["completion_tokens_per_second"] = (round(out["completion_tokens"] / wall_seconds, 1)
@@ -93,6 +94,9 @@ def aggregate(stats: list[dict], wall_seconds: float, partitions_skipped: int = 
     """Sum partition stats into a report (tokens/s is completion tokens per wall-clock second),
     checking the counts against the input's row and partition counts when given."""
     report = _sum_counts(stats)
+    # the answers of ``plan``'s probe were paid for this folder: requests, not reused answers
+    report["requests"] += report["plan_answers"]
+    report["reused_answers"] -= report["plan_answers"]
     endpoints: dict[str, dict] = {}
     for s in stats:
         for name, ep in s.get("endpoints", {}).items():
@@ -135,6 +139,7 @@ def _rows(report: dict) -> list[tuple[str, str]]:
     if report.get("documents_invalid_quality"):
         rows.append(("documents with invalid quality", report["documents_invalid_quality"]))
     rows += [("segments", report["segments"]), ("requests sent", report["requests"]),
+             ("  of which by plan's probe", report.get("plan_answers", 0)),
              ("retries", report["retries"]), ("reused answers (journal)", report["reused_answers"]),
              ("duplicate prompts (sent once)", report["duplicate_prompts"])]
     rows += [(f"  retried on: {k}", v) for k, v in report.get("retries_by_class", {}).items()]
