@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 STATUS_SECONDS = 2.0  # how often the progress line asks for the endpoints' status
+MAX_SAMPLES = 2000    # endpoint samples kept for report.html (thinned to every other beyond)
 
 
 class Progress:
@@ -29,11 +30,15 @@ class Progress:
 
     def __init__(self, out_dirs: list[Path], total_parts: int, enabled: bool = True,
                  endpoint_statuses=None, metrics_port: int | None = None,
-                 metrics_host: str = "127.0.0.1"):
+                 metrics_host: str = "127.0.0.1", every=None):
         """``endpoint_statuses``: a callable returning every pool's endpoint statuses (see
         ``telemetry.describe_endpoints``), asked every ``STATUS_SECONDS``. ``enabled``: print
         the line; ``metrics_port``: also serve the figures for Prometheus (``run.metrics``;
-        0 picks a free port, see ``metrics_url``)."""
+        0 picks a free port, see ``metrics_url``); ``every``: (seconds, callable) called with
+        this Progress that often while the run goes (the live report.html). ``samples``: each endpoint's summary
+        over time, one per status asked."""
+        self.samples: list[dict] = []
+        self._every = every
         self.out_dirs, self.total = out_dirs, total_parts
         self._statuses = endpoint_statuses
         self._endpoints = ""
@@ -118,17 +123,25 @@ class Progress:
             statuses = self._statuses()
             self._endpoints = describe_endpoints(statuses) or self._endpoints
             self._summary = summarise_endpoints(statuses) or self._summary
+            if self._summary:
+                self.samples.append({"t": time.time(), "endpoints": dict(self._summary)})
+                if len(self.samples) > MAX_SAMPLES:
+                    self.samples = self.samples[::2]
         except Exception as exc:  # a status is nice to have; the run goes on without it
             logger.debug("no endpoint status: %s", exc)
 
     def _loop(self) -> None:
         tty = sys.stderr.isatty()
         last = asked = 0.0
+        called = time.time()
         while not self._stop.wait(0.5):
             self._scan()
             if time.time() - asked >= STATUS_SECONDS:
                 self._refresh_endpoints()
                 asked = time.time()
+            if self._every is not None and time.time() - called >= self._every[0]:
+                self._every[1](self)
+                called = time.time()
             if not self.enabled:
                 continue
             if tty:
@@ -145,7 +158,7 @@ class Progress:
             self._metrics_server = serve_metrics(self, port, host)
             self.metrics_url = f"http://{host}:{self._metrics_server.server_port}/metrics"
             logger.warning("live metrics (Prometheus): %s", self.metrics_url)
-        if self.enabled or self._metrics is not None:
+        if self.enabled or self._metrics is not None or self._every is not None:
             self._thread.start()
         return self
 

@@ -26,6 +26,7 @@ from nemocc_dask.run.partition_job import finished_stats, process_partition
 from nemocc_dask.run.pipeline import resolve_task
 from nemocc_dask.run.progress import Progress, endpoint_series, endpoint_statuses
 from nemocc_dask.run.report import aggregate, this_run, with_history
+from nemocc_dask.run.report_html import REFRESH_SECONDS, write_report_html
 from nemocc_dask.run.start import Job, partition_plans, prepare, start_checks, taken_folders
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,13 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
             if any(redone.values()):
                 logger.info("retrying failed requests in %d finished partition(s)",
                             sum(redone.values()))
+            def live_pages(progress: Progress) -> None:
+                for job in run.jobs:
+                    live_report(job, started, progress.samples)
+
             with Progress([j.out_dir for j in run.jobs], len(tasks), show_progress,
-                          endpoint_statuses, metrics_port) as progress:
+                          endpoint_statuses, metrics_port,
+                          every=(REFRESH_SECONDS, live_pages)) as progress:
                 try:
                     compute(tasks, out_dirs, progress)
                 except (Preempted, RunError):
@@ -108,11 +114,38 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
                 raise LockLost(lost[0])
             series = endpoint_series(started)
             served = run.served_status() if run.served_status else None
-            return {job.preset.name: _write_report(job, run.tokenizers[job.preset.name],
-                                                   run.n_parts, pending[job.preset.name],
-                                                   run.input_rows, time.time() - started,
-                                                   series, served)
-                    for job in run.jobs}
+            reports = {job.preset.name: _write_report(job, run.tokenizers[job.preset.name],
+                                                      run.n_parts, pending[job.preset.name],
+                                                      run.input_rows, time.time() - started,
+                                                      series, served)
+                       for job in run.jobs}
+            for job in run.jobs:
+                page(job, reports[job.preset.name], progress.samples, final=True)
+            return reports
+
+
+def page(job: Job, report: dict, samples: list[dict], final: bool) -> None:
+    """Write the job's report.html (a page that cannot be written is warned about: the run's
+    files and report.json are what count)."""
+    try:
+        write_report_html(job.out_dir, report, samples, job.preset.input_field,
+                          job.preset.output_field, final)
+    except Exception as exc:
+        logger.warning("report.html of %s not written: %s", job.out_dir, exc)
+
+
+def live_report(job: Job, started: float, samples: list[dict]) -> None:
+    """The job's report.html from the partitions finished so far (while the run goes)."""
+    refresh(job.out_dir)
+    stats = []
+    for path in sorted((job.out_dir / "stats").glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            stats.append(json.loads(path.read_text()))
+    report = aggregate(stats, time.time() - started)
+    report["task"] = job.preset.name
+    report["endpoint_series"] = {name: points for name, points in
+                                 endpoint_series(started).items() if name in job.llm.endpoints}
+    page(job, report, samples, final=False)
 
 
 def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: int,
