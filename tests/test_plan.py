@@ -105,6 +105,29 @@ def test_plan_then_run_from_the_command_line(tmp_path):
     assert abs(task["rows_expected"] - report["rows_written"]) <= 0.1 * report["rows_written"]
     assert plan["total"]["cost"] == pytest.approx(
         task["prompt_tokens"] / 1e6 * 0.1 + task["completion_tokens"] / 1e6 * 0.4, abs=0.01)
+    # issue 26 item 4: the run's ledger takes the plan's prices
+    spent = report["ledger"]["cumulative"]
+    assert spent["cost"] == pytest.approx(report["prompt_tokens"] / 1e6 * 0.1
+                                          + report["completion_tokens"] / 1e6 * 0.4, abs=1e-3)
+    assert spent["gpu_hours"] == pytest.approx(report["wall_seconds"] / 3600, abs=1e-4)
+
+
+def test_ledger_prices_from_dask_config_win_over_the_plan():
+    import dask
+
+    from nemocc_dask.run.ledger import ledger
+
+    report = {"this_run": {"prompt_tokens": 2_000_000, "completion_tokens": 1_000_000,
+                           "wall_seconds": 3600.0}}
+    report["runs"] = [dict(report["this_run"], prompt_tokens=1_000_000), report["this_run"]]
+    plan = {"settings": {"price_input": 1.0, "price_output": 1.0, "gpus_per_endpoint": 8}}
+    assert ledger(report, 2, plan)["this_run"] == {
+        "prompt_tokens": 2_000_000, "completion_tokens": 1_000_000, "wall_seconds": 3600.0,
+        "endpoints": 2, "gpu_hours": 16.0, "cost": 3.0}
+    with dask.config.set({"nemocc.ledger.price-output": 10.0}):
+        entry = ledger(report, 2, plan)["cumulative"]
+    assert entry["cost"] == 3.0 + 20.0 and entry["gpu_hours"] == 32.0
+    assert ledger(report, 1, None)["this_run"]["cost"] is None
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 address outside the page), with every section, the plots inline and example rows beside their
 input; the plan's projection appears next to what happened when the folder has a plan."""
 
+import shutil
+import subprocess
 import threading
 import time
 from html.parser import HTMLParser
@@ -83,3 +85,16 @@ def test_report_html_sets_the_plan_beside_the_run(tmp_path, docs_parquet):
     text = (tmp_path / "out" / "report.html").read_text()
     section = text[text.index("<section id='plan'>"):]
     assert "planned" in section and f"{planned['tasks']['distill']['requests']}" in section
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless chromium installed")
+def test_report_html_loads_offline_in_a_headless_browser(tmp_path, docs_parquet):
+    with MockLLMServer(latency=0.02) as server:
+        run_to_parquet(docs_parquet, tmp_path / "out", "distill",
+                       LLMConfig(base_url=server.base_url, model="mock"), rows_per_partition=20,
+                       show_progress=False)
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                          "--dump-dom", (tmp_path / "out" / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert Page(dom).sections == list(SECTIONS) and dom.count("<svg") >= 4

@@ -151,6 +151,8 @@ def plan_jobs(data, jobs: list[Job], plan_file, *, tokenizer: str | None = None,
                          gpus_per_endpoint, price_input, price_output)
     result["settings"] = {"sample_documents": sample_documents, "probe_requests": probe_requests,
                           "rows_per_partition": rows_per_partition,
+                          "price_input": price_input, "price_output": price_output,
+                          "gpus_per_endpoint": gpus_per_endpoint,
                           "output": [str(job.out_dir) for job in run.jobs]}
     result["planned_at"] = time.time()
     io.atomic_write_bytes(as_path(plan_file), json.dumps(result, indent=1).encode())

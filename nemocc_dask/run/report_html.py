@@ -55,7 +55,7 @@ def _throughput(report: dict, samples: list[dict]) -> str:
         fig, ax = _figure()
         start = points[0]["t"] if points else 0
         ax.plot([p["t"] - start for p in points], [p["req_per_s"] for p in points],
-                label="answers/s", color="tab:blue")
+                label="answers/s", color="tab:blue", marker="o" if len(points) < 30 else None)
         ax.set_xlabel("seconds since the first answer")
         ax.set_ylabel("answers/s")
         right = ax.twinx()
@@ -73,9 +73,10 @@ def _throughput(report: dict, samples: list[dict]) -> str:
 
 
 def _errors(report: dict) -> str:
-    out = _table([("failed requests by class", "")]
-                 + list(report.get("failed_by_class", {}).items())
-                 + [("retries by class", "")] + list(report.get("retries_by_class", {}).items()))
+    failed = list(report.get("failed_by_class", {}).items()) or [("none", 0)]
+    retried = list(report.get("retries_by_class", {}).items()) or [("none", 0)]
+    out = _table([("failed requests, by class", "")] + failed
+                 + [("retries, by class", "")] + retried)
     series = report.get("endpoint_series", {})
     if any(p["errors"] for points in series.values() for p in points):
         fig, ax = _figure()

@@ -26,7 +26,8 @@ from nemocc_dask.run.partition_job import finished_stats, process_partition
 from nemocc_dask.run.pipeline import resolve_task
 from nemocc_dask.run.progress import Progress, endpoint_series, endpoint_statuses
 from nemocc_dask.run.report import aggregate, this_run, with_history
-from nemocc_dask.run.report_html import REFRESH_SECONDS, write_report_html
+from nemocc_dask.run.ledger import ledger
+from nemocc_dask.run.report_html import REFRESH_SECONDS, read_plan, write_report_html
 from nemocc_dask.run.start import Job, partition_plans, prepare, start_checks, taken_folders
 
 logger = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: 
     report["request_timeout"] = job.llm.timeout  # "auto": each endpoint's in endpoints[...]
     report["endpoint_series"] = {name: series[name] for name in job.llm.endpoints
                                  if name in series}
+    report["ledger"] = ledger(report, len(job.llm.endpoints), read_plan(job.out_dir))
     if served is not None:
         report["served"] = {"command": job.llm.serve.command, "servers": served,
                             "restarts": sum(s["restarts"] for s in served)}
