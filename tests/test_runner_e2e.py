@@ -108,10 +108,20 @@ def answers_so_far(out: Path) -> int:
     return journals + finished
 
 
-def open_journals_mid_way(out: Path, workers: int, at_most: int = 6) -> bool:
-    """Whether ``workers`` partitions are open, each with 1..``at_most`` journaled answers."""
-    lines = [len(j.read_bytes().splitlines()) for j in out.glob("journal/*.jsonl")]
-    return len(lines) >= workers and all(1 <= n <= at_most for n in lines)
+def partition_mid_way(out: Path, at_most: int = 6) -> int | None:
+    """An open partition with 1..``at_most`` journaled answers (its number), or None."""
+    for journal in out.glob("journal/*.jsonl"):
+        if 1 <= len(journal.read_bytes().splitlines()) <= at_most:
+            return int(journal.stem.split("-")[1])
+    return None
+
+
+def worker_of(client, index: int) -> str | None:
+    """The address of the worker processing partition ``index`` now."""
+    for address, keys in client.processing().items():
+        if any(str(key).split("-")[-2:-1] == [str(index)] for key in keys):
+            return address
+    return None
 
 
 def test_lost_worker_loses_nothing(tmp_path, docs_parquet):
@@ -128,12 +138,16 @@ def test_lost_worker_loses_nothing(tmp_path, docs_parquet):
         at_kill = {}
 
         def kill_one_worker():
-            pid = list(client.run(os.getpid).values())[0]
+            pids = client.run(os.getpid)
             deadline = time.time() + 60
-            # both workers' partitions have journaled answers (so the killed attempt paid for
-            # some) and none is near its end (so it cannot finish before the kill lands)
-            while time.time() < deadline and not open_journals_mid_way(out, workers=2):
+            address = None
+            # a partition with journaled answers (the killed attempt paid for some), not near
+            # its end (it cannot finish before the kill lands): kill the worker running it
+            while time.time() < deadline and address is None:
+                index = partition_mid_way(out)
+                address = worker_of(client, index) if index is not None else None
                 time.sleep(0.02)
+            pid = pids[address] if address else list(pids.values())[0]
             at_kill["finished"] = len(list((out / "parts").glob("*.parquet"))) \
                 if (out / "parts").exists() else 0
             os.kill(pid, signal.SIGKILL)
