@@ -19,7 +19,7 @@ import dask
 from nemocc_dask import io
 from nemocc_dask.io.storage import as_path
 from nemocc_dask.llm.config import LLMConfig
-from nemocc_dask.run.execution import distributed_client, drain_everywhere, register_pool_plugin
+from nemocc_dask.run.execution import distributed_client, register_pool_plugin
 from nemocc_dask.run.nemotron_cc import nemotron_cc_jobs
 from nemocc_dask.run.output_folder import LockLost
 from nemocc_dask.run.pipeline import resolve_task
@@ -122,13 +122,7 @@ def plan_jobs(data, jobs: list[Job], plan_file, *, tokenizer: str | None = None,
                       wait_for_lock=wait_for_lock, casts=casts)
         startup = time.time() - started
         chosen = sample_partitions(run.n_parts, run.input_rows, sample_documents)
-        lost: list[str] = []
-
-        def stop_sending(message: str) -> None:
-            lost.append(message)
-            drain_everywhere(message)
-
-        with taken_folders(run, stop_sending):
+        with taken_folders(run) as lost:
             register_pool_plugin()
             plans = partition_plans(run, id_field, seed, False, started)
             parts = run.ddf.to_delayed()

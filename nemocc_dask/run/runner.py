@@ -20,7 +20,7 @@ from nemocc_dask.io.storage import as_path, refresh
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.recipe.presets import TaskPreset
 from nemocc_dask.recipe.tokenizer import tokenizer_name
-from nemocc_dask.run.execution import compute, drain_everywhere, register_pool_plugin
+from nemocc_dask.run.execution import compute, register_pool_plugin
 from nemocc_dask.run.output_folder import MANIFEST, LockLost, OutputError
 from nemocc_dask.run.partition_job import finished_stats, process_partition
 from nemocc_dask.run.pipeline import resolve_task
@@ -84,13 +84,7 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
         run = prepare(data, jobs, servers, tokenizer=tokenizer, id_field=id_field, seed=seed,
                       overwrite=overwrite, rows_per_partition=rows_per_partition, gpu=gpu,
                       wait_for_lock=wait_for_lock, casts=casts)
-        lost: list[str] = []
-
-        def stop_sending(message: str) -> None:
-            lost.append(message)
-            drain_everywhere(message)
-
-        with taken_folders(run, stop_sending):
+        with taken_folders(run) as lost:
             register_pool_plugin()
             plans = partition_plans(run, id_field, seed, retry_failed, started)
             tasks, out_dirs, pending, redone = _schedule(run.jobs, run.ddf.to_delayed(), plans,

@@ -28,7 +28,7 @@ from nemocc_dask.recipe.stages.route import Route
 from nemocc_dask.recipe.tokenizer import (BUNDLED, load_tokenizer, prompt_overhead_tokens,
                                           tokenizer_name)
 from nemocc_dask.run import output_folder
-from nemocc_dask.run.execution import distributed_client
+from nemocc_dask.run.execution import distributed_client, drain_everywhere
 from nemocc_dask.run.generate import prompt_limit
 from nemocc_dask.run.inputs import (INPUT_CACHE, checked_input, load_input, read_input_cache,
                                     refuse_output_inside_input, stored_type)
@@ -234,19 +234,26 @@ def prepare(data, jobs: list[Job], servers: contextlib.ExitStack, *, tokenizer: 
 
 
 @contextlib.contextmanager
-def taken_folders(run: Prepared, on_lost):
-    """Hold every job's output folder (its lock, ``on_lost`` called if another run takes it) and
-    set it up for the run: the earlier run deleted under ``overwrite``, ``run.json`` written,
-    the input cache kept for the next start."""
+def taken_folders(run: Prepared):
+    """Hold every job's output folder and set it up for the run: the earlier run deleted under
+    ``overwrite``, ``run.json`` written, the input cache kept for the next start. Yields a list
+    that gets the message when another run takes a folder meanwhile (every worker then stops
+    sending at once); the caller raises LockLost for it."""
+    lost: list[str] = []
+
+    def stop_sending(message: str) -> None:
+        lost.append(message)
+        drain_everywhere(message)
+
     with contextlib.ExitStack() as locks:
         for job in run.jobs:
-            locks.enter_context(OutputLock(job.out_dir, on_lost=on_lost))
+            locks.enter_context(OutputLock(job.out_dir, on_lost=stop_sending))
             prepare_output(job.out_dir, run.materials[job.preset.name],
                            run.modes[job.preset.name])
         if run.cache is not None:  # the folder is ours now: keep what the next start can reuse
             io.atomic_write_bytes(run.jobs[0].out_dir / INPUT_CACHE,
                                   json.dumps(run.cache).encode())
-        yield
+        yield lost
 
 
 def partition_plans(run: Prepared, id_field: str, seed: int, retry_failed: bool,
