@@ -26,7 +26,7 @@ QUEUE_GAUGES = (("vllm:num_requests_running", "vllm:num_requests_waiting"),
                 ("llamacpp:requests_processing", "llamacpp:requests_deferred"))
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
 _BINS_PER_DECADE = 20
-_BIN_EDGES = [10 ** (k / _BINS_PER_DECADE) for k in range(-3 * _BINS_PER_DECADE,
+BIN_EDGES = [10 ** (k / _BINS_PER_DECADE) for k in range(-3 * _BINS_PER_DECADE,
                                                             4 * _BINS_PER_DECADE + 1)]
 
 
@@ -45,11 +45,13 @@ def parse_queue_metrics(text: str) -> tuple[int, int] | None:
     return None
 
 
-def _bin(seconds: float) -> int:
-    return bisect.bisect_left(_BIN_EDGES, max(seconds, 1e-6))
+def latency_bin(seconds: float) -> int:
+    """The log-scale histogram bin of a latency (``BIN_EDGES[bin]`` is its upper edge)."""
+    return bisect.bisect_left(BIN_EDGES, max(seconds, 1e-6))
 
 
-def _quantile(histogram: dict[int, int], q: float) -> float | None:
+def histogram_quantile(histogram: dict[int, int], q: float) -> float | None:
+    """The ``q`` quantile (upper bin edge, seconds) of a ``latency_bin`` histogram."""
     total = sum(histogram.values())
     if not total:
         return None
@@ -57,7 +59,7 @@ def _quantile(histogram: dict[int, int], q: float) -> float | None:
     for index in sorted(histogram):
         seen += histogram[index]
         if seen >= q * total:
-            return _BIN_EDGES[min(index, len(_BIN_EDGES) - 1)]
+            return BIN_EDGES[min(index, len(BIN_EDGES) - 1)]
     return None
 
 
@@ -77,7 +79,7 @@ class EndpointSeries:
         bucket["answers"] += 1
         bucket["tokens"] += tokens
         bucket["window"] = max(bucket["window"], window)
-        index = _bin(seconds)
+        index = latency_bin(seconds)
         bucket["latency"][index] = bucket["latency"].get(index, 0) + 1
 
     def error(self, window: int, now: float | None = None) -> None:
@@ -101,8 +103,8 @@ def merge_series(series: list[dict[int, dict]]) -> list[dict]:
     return [{"t": key * INTERVAL_SECONDS, "window": b["window"],
              "req_per_s": round(b["answers"] / INTERVAL_SECONDS, 3),
              "tokens_per_s": round(b["tokens"] / INTERVAL_SECONDS, 1), "errors": b["errors"],
-             "latency_p50": _quantile(b["latency"], 0.5),
-             "latency_p95": _quantile(b["latency"], 0.95)}
+             "latency_p50": histogram_quantile(b["latency"], 0.5),
+             "latency_p95": histogram_quantile(b["latency"], 0.95)}
             for key, b in sorted(merged.items())]
 
 

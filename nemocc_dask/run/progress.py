@@ -8,10 +8,15 @@ import logging
 import sys
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import dask.config
+
 from nemocc_dask.io.storage import is_remote
-from nemocc_dask.llm.telemetry import describe_endpoints, merge_series, summarise_endpoints
+from nemocc_dask.llm.telemetry import (describe_endpoints, latency_bin, merge_series,
+                                       summarise_endpoints)
 from nemocc_dask.run.execution import distributed_client
 from nemocc_dask.run.partition_job import journal_path
 
@@ -20,6 +25,36 @@ logger = logging.getLogger(__name__)
 
 STATUS_SECONDS = 2.0  # how often the progress line asks for the endpoints' status
 MAX_SAMPLES = 2000    # endpoint samples kept for report.html (thinned to every other beyond)
+
+
+@dataclass
+class Tally:
+    """Answers of one partition: received, failed, completion tokens, failures and retries by
+    class."""
+
+    answers: int = 0
+    errors: int = 0
+    tokens: int = 0
+    errors_by_class: Counter = field(default_factory=Counter)
+    retries_by_class: Counter = field(default_factory=Counter)
+
+    @classmethod
+    def of_stats(cls, stats: dict) -> "Tally":
+        """A finished partition's tally, from its stats."""
+        return cls(stats["requests"], stats["failed_requests"], stats["completion_tokens"],
+                   Counter(stats.get("failed_by_class", {})),
+                   Counter(stats.get("retries_by_class", {})))
+
+    def add(self, record: dict) -> None:
+        """Count one journal record."""
+        self.answers += 1
+        if record.get("error"):
+            self.errors += 1
+            self.errors_by_class[record.get("error_class") or "error"] += 1
+        self.tokens += record.get("completion_tokens") or 0
+        retried = record.get("retried")
+        if isinstance(retried, dict):
+            self.retries_by_class.update(retried)
 
 
 class Progress:
@@ -48,8 +83,9 @@ class Progress:
         self.metrics_url: str | None = None
         self.done = 0
         self.enabled = enabled
-        self._live: dict[Path, list[int]] = {}  # journal -> [offset, answers, errors, tokens]
-        self._finished: dict[Path, tuple[int, int, int]] = {}
+        self._live: dict[Path, list] = {}  # journal -> [offset read, Tally]
+        self._finished: dict[Path, Tally] = {}
+        self.latency: Counter = Counter()  # latency_bin -> answers, of the journals read
         self._stop = threading.Event()
         self._started = time.time()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -63,23 +99,23 @@ class Progress:
                     self._read_journal(path)
 
     def _read_journal(self, path: Path) -> None:
-        counts = self._live.setdefault(path, [0, 0, 0, 0])
+        live = self._live.setdefault(path, [0, Tally()])
         try:
             with open(path, "rb") as fh:
-                fh.seek(counts[0])
+                fh.seek(live[0])
                 data = fh.read()
         except FileNotFoundError:  # finished meanwhile
             return
         end = data.rfind(b"\n") + 1
-        counts[0] += end
+        live[0] += end
         for line in data[:end].splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            counts[1] += 1
-            counts[2] += bool(record.get("error"))
-            counts[3] += record.get("completion_tokens") or 0
+            live[1].add(record)
+            if not record.get("error") and isinstance(record.get("latency"), (int, float)):
+                self.latency[latency_bin(record["latency"])] += 1
 
     def finished(self, out_dir: Path, stats: dict) -> None:
         """Count partition ``stats["partition"]`` of ``out_dir`` as done with its own numbers
@@ -88,22 +124,30 @@ class Progress:
         if path in self._finished:
             return
         self.done += 1
-        self._finished[path] = (stats["requests"], stats["failed_requests"],
-                                stats["completion_tokens"])
+        self._finished[path] = Tally.of_stats(stats)
         self._live.pop(path, None)
 
     def snapshot(self) -> dict:
-        """The figures of the line (and of ``run.metrics``): partitions, answers, errors,
-        completion tokens, elapsed seconds, the ETA (None until a partition finished) and each
-        endpoint's summary (``telemetry.summarise_endpoints``)."""
+        """The figures of the line (and of ``run.metrics``): partitions, answers, errors (also
+        by class), retries by class, completion tokens, elapsed seconds, the ETA (None until a
+        partition finished), each endpoint's summary (``telemetry.summarise_endpoints``) and
+        the latency histogram of the answers read from journals (``latency_bin`` -> count)."""
         elapsed = max(1e-9, time.time() - self._started)
-        rows = [tuple(c[1:]) for p, c in list(self._live.items()) if p not in self._finished]
-        rows += list(self._finished.values())
-        answers, errors, tokens = (sum(column) for column in zip((0, 0, 0), *rows))
+        tallies = [live[1] for p, live in list(self._live.items()) if p not in self._finished]
+        tallies += list(self._finished.values())
+        errors_by_class, retries_by_class = Counter(), Counter()
+        for tally in tallies:
+            errors_by_class.update(tally.errors_by_class)
+            retries_by_class.update(tally.retries_by_class)
         eta = elapsed / self.done * (self.total - self.done) if self.done else None
-        return {"partitions": self.total, "partitions_done": self.done, "answers": answers,
-                "errors": errors, "completion_tokens": tokens, "elapsed_seconds": elapsed,
-                "eta_seconds": eta, "endpoints": dict(self._summary)}
+        return {"partitions": self.total, "partitions_done": self.done,
+                "answers": sum(t.answers for t in tallies),
+                "errors": sum(t.errors for t in tallies),
+                "completion_tokens": sum(t.tokens for t in tallies),
+                "errors_by_class": dict(errors_by_class),
+                "retries_by_class": dict(retries_by_class), "latency": dict(self.latency),
+                "elapsed_seconds": elapsed, "eta_seconds": eta,
+                "endpoints": dict(self._summary)}
 
     def line(self) -> str:
         now = self.snapshot()
@@ -167,6 +211,8 @@ class Progress:
             self._stop.set()
             self._thread.join()
         if self._metrics_server is not None:
+            self._scan()  # the final figures, for a last scrape
+            time.sleep(float(dask.config.get("nemocc.metrics-linger-seconds", 0) or 0))
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         if self.enabled:
