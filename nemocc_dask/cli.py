@@ -80,11 +80,13 @@ def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
                    help="per-request timeout: 'auto' (default: follows the endpoint's latency "
                         "and the task's max tokens, 30 s to 30 min, stated in the report) or "
                         "fixed seconds")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int, help="sent as an extra body field, only when given")
-    g.add_argument("--max-tokens", type=int, help="default: the task's max output tokens")
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen = p.add_argument_group("generation (overrides of the task's settings; "
+                               "`nemocc-dask presets` shows them)")
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int, help="sent only when given")
+    gen.add_argument("--max-tokens", type=int, help="default: the task's max output tokens")
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--max-failed-fraction", type=float, default=0.5,
                    help="stop the run when more than this fraction of an endpoint's requests "
                         "fail after retries (checked after 50 requests; default 0.5; 1 = never)")
@@ -221,9 +223,15 @@ def _llm_from_args(args) -> LLMConfig:
                          max_in_flight_per_worker=args.max_in_flight_per_worker,
                          max_model_len=args.max_model_len,
                          max_retries=args.max_retries,
-                         timeout=args.timeout, temperature=args.temperature, top_p=args.top_p,
-                         top_k=args.top_k, max_tokens=args.max_tokens, stop=args.stop,
-                         max_failed_fraction=args.max_failed_fraction)
+                         timeout=args.timeout, max_failed_fraction=args.max_failed_fraction)
+
+
+def _generation_overrides(args) -> dict:
+    """The task settings given on the command line (--temperature, --top-p, --top-k,
+    --max-tokens, --stop), for the preset."""
+    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+             "max_tokens": args.max_tokens, "stop": tuple(args.stop) if args.stop else None}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _main_thread() -> bool:
@@ -303,7 +311,7 @@ def cmd_run(args) -> int:
                                 rows_per_partition=args.rows_per_partition,
                                 show_progress=not args.no_progress, gpu=args.gpu,
                                 wait_for_lock=args.wait_for_lock, casts=args.cast,
-                                metrics_port=args.metrics_port)
+                                metrics_port=args.metrics_port, **_generation_overrides(args))
     _print_reports({report["task"]: report}, args.output)
     return 0
 
@@ -321,7 +329,7 @@ def cmd_nemotron_cc(args) -> int:
             overwrite=args.overwrite, retry_failed=args.retry_failed,
             rows_per_partition=args.rows_per_partition, show_progress=not args.no_progress,
             gpu=args.gpu, wait_for_lock=args.wait_for_lock, casts=args.cast,
-            metrics_port=args.metrics_port)
+            metrics_port=args.metrics_port, overrides=_generation_overrides(args))
     _print_reports(reports, args.output)
     combined = combine(reports)
     print(json.dumps({"total": combined["total"]}, indent=1))
@@ -348,7 +356,8 @@ def cmd_plan(args) -> int:
         with _client(args):
             result = plan_nemotron_cc(args.input, args.output, llm,
                                       quality_field=args.quality_field,
-                                      threshold=args.threshold, tasks=tasks, **options)
+                                      threshold=args.threshold, tasks=tasks,
+                                      overrides=_generation_overrides(args), **options)
     else:
         if not args.task and not args.prompt_file:
             raise ConfigError("give --task NAME (one of " + ", ".join(PRESETS) + "), "
@@ -356,7 +365,8 @@ def cmd_plan(args) -> int:
         task = load_task_file(args.prompt_file) if args.prompt_file else args.task
         llm = _llm_from_args(args)
         with _client(args):
-            result = plan(args.input, args.output, task, llm, **options)
+            result = plan(args.input, args.output, task, llm,
+                          overrides=_generation_overrides(args), **options)
     print(render_plan(result))
     print(f"plan: {args.plan_file or Path(args.output) / 'plan.json'}")
     return 0

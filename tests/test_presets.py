@@ -13,7 +13,7 @@ def test_five_tasks_with_reference_table():
     assert (w.output_field, w.min_document_tokens, w.min_segment_tokens, w.max_input_tokens,
             w.max_output_tokens, w.effective_postprocess_max_tokens, w.postprocess_min_tokens) == \
         ("rephrased", 5, 5, 512, 512, 510, 50)
-    assert w.rejoin_segments and w.response_prefix == "Here is a paraphrased version:"
+    assert "join_segments" in w.postprocess_steps and w.response_prefix == "Here is a paraphrased version:"
     qa = PRESETS["diverse_qa"]
     assert (qa.max_input_tokens, qa.max_output_tokens, qa.effective_postprocess_max_tokens,
             qa.postprocess_min_tokens) == (1000, 600, 598, 100)
@@ -25,7 +25,7 @@ def test_five_tasks_with_reference_table():
     assert (ek.max_input_tokens, ek.max_output_tokens) == (1400, 1400)
     for name in ("diverse_qa", "distill", "extract_knowledge", "knowledge_list"):
         assert PRESETS[name].output_field == name
-        assert not PRESETS[name].rejoin_segments
+        assert "join_segments" not in PRESETS[name].postprocess_steps
 
 
 def test_generation_defaults():
@@ -82,3 +82,55 @@ def test_describe_is_json_friendly():
     assert described["postprocess_steps"][0] == "drop_failed"
     assert described["postprocess_steps"][1].endswith("my_step")
     assert isinstance(task, TaskPreset)
+
+
+def test_generation_settings_have_one_home():
+    """The task's preset holds the generation settings, LLMConfig the endpoint: no field is
+    declared in both, and a run's overrides reach the request body."""
+    from nemocc_dask import LLMConfig
+    from nemocc_dask.recipe.presets import GENERATION_FIELDS
+
+    endpoint = {f.name for f in dataclasses.fields(LLMConfig)}
+    task = {f.name for f in dataclasses.fields(TaskPreset)}
+    assert not endpoint & task
+    assert set(GENERATION_FIELDS) | {"extra_body"} <= task
+    llm = LLMConfig(base_url="http://127.0.0.1:9/v1", model="m")
+    preset = get_preset("distill", temperature=0.7, top_k=20, stop=["</a>"],
+                        extra_body={"min_p": 0.1})
+    assert llm.request_settings(preset) == {"model": "m", "temperature": 0.7, "top_p": 0.9,
+                                            "top_k": 20, "max_tokens": 1600, "stop": ["</a>"],
+                                            "min_p": 0.1}
+
+
+def test_describe_keeps_rejoin_segments_for_earlier_runs_identity():
+    """rejoin_segments is no field any more (nothing read it); the description that run
+    identities are made of still holds it, as the steps say, so earlier runs resume."""
+    assert PRESETS["wikipedia_paraphrasing"].describe()["rejoin_segments"] is True
+    assert PRESETS["distill"].describe()["rejoin_segments"] is False
+
+
+@pytest.mark.slow
+def test_generation_flags_reach_every_task_of_the_pipeline(tmp_path):
+    """--temperature, --max-tokens and --stop on the command line are the tasks' settings: the
+    body each task sends (recorded in its run.json) carries them."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import make_docs
+
+    from nemocc_dask import MockLLMServer
+
+    make_docs(20).to_parquet(tmp_path / "docs.parquet")
+    with MockLLMServer(latency=0.01) as server:
+        done = subprocess.run(
+            [sys.executable, "-m", "nemocc_dask.cli", "nemotron-cc", "--tasks",
+             "distill,knowledge_list", "--input", str(tmp_path / "docs.parquet"), "--output",
+             str(tmp_path / "out"), "--base-url", server.base_url, "--model", "mock",
+             "--workers", "1", "--no-progress", "--temperature", "0.7", "--max-tokens", "300",
+             "--stop", "</end>"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for task in ("distill", "knowledge_list"):
+        material = json.loads((tmp_path / "out" / task / "run.json").read_text())["material"]
+        assert material["settings"] == {"model": "mock", "temperature": 0.7, "top_p": 0.9,
+                                        "max_tokens": 300, "stop": ["</end>"]}

@@ -1,4 +1,5 @@
-"""``LLMConfig``: where to send requests, how many at once, how to retry, and generation settings."""
+"""``LLMConfig``: where to send requests, how many at once, how to retry (the task's generation
+settings are its ``TaskPreset``'s)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,6 @@ from typing import Any, Callable, Sequence
 
 from nemocc_dask.llm import timeouts
 from nemocc_dask.recipe.presets import TaskPreset
-
-GENERATION_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "n")
-
 
 def server_root(base_url: str) -> str:
     """The server's root for routes outside the OpenAI API (``/tokenize``, ``/metrics``):
@@ -55,9 +53,6 @@ class LLMConfig:
         Retries after the first attempt for 429/408/5xx/timeouts/connection
         errors, with exponential backoff ``backoff_base * 2**k`` (jittered, capped at
         ``backoff_max``, at least ``Retry-After``).
-    temperature, top_p, top_k, max_tokens, seed, stop, n, extra_body:
-        Generation settings; ``None`` takes the task preset's value. ``top_k`` is sent (as an extra
-        body field) only when set.
     max_model_len:
         The served model's context (prompt + answer tokens). Default: what the endpoint reports in
         ``GET /models`` (vLLM's ``max_model_len``), else unknown. A prompt that cannot fit with
@@ -95,24 +90,13 @@ class LLMConfig:
     max_response_bytes: int | None = None
     max_failed_fraction: float = 0.5
     failure_min_requests: int = 50
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    stop: Sequence[str] | str | None = None
-    n: int | None = None
     return_all_choices: bool = False
-    extra_body: dict = field(default_factory=dict)
     client_factory: Callable[[], Any] | None = None
     serve: Any = None
 
     def __post_init__(self) -> None:
         urls = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url)
         object.__setattr__(self, "base_url", tuple(u.rstrip("/") for u in urls if u))
-        if self.stop is not None:
-            stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-            object.__setattr__(self, "stop", stop)
         if self.api_key is None and self.api_key_env:
             object.__setattr__(self, "api_key", os.environ.get(self.api_key_env) or None)
         if self.serve is not None and not self.model and self.serve.model:
@@ -174,19 +158,9 @@ class LLMConfig:
         return self.base_url
 
     def request_settings(self, preset: TaskPreset) -> dict:
-        """The body fields sent with each request of ``preset`` (explicit values win over the
-        preset's); fields left unset are not sent."""
-        settings: dict[str, Any] = {"model": self.model}
-        for name in GENERATION_FIELDS:
-            value = getattr(self, name)
-            if value is None:
-                value = preset.effective_max_tokens if name == "max_tokens" else getattr(preset, name)
-            if value is None or (name == "n" and value == 1):
-                continue
-            settings[name] = list(value) if name == "stop" else value
-        settings.update(preset.extra_body)
-        settings.update(self.extra_body)
-        return settings
+        """The body fields sent with each request of ``preset`` to this endpoint's model (the
+        generation settings are the preset's: ``TaskPreset.request_settings``)."""
+        return preset.request_settings(self.model)
 
     def fingerprint_fields(self) -> dict:
         """What about the endpoint changes results (model, client), not throughput knobs."""

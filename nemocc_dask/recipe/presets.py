@@ -23,15 +23,21 @@ DISTILL_PREFIX = "Paraphrased Text:"
 PostStep = Union[str, Callable[..., Any]]
 
 
+GENERATION_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "n")
+
+
 @dataclass(frozen=True)
 class TaskPreset:
     """Everything that defines one synthetic-data task: prompts, token limits, cleanup chain.
 
-    Token limits follow the reference's table. ``max_tokens`` (the generation limit sent to the
-    endpoint) defaults to ``max_output_tokens``; generation fields left as ``None`` are not sent.
-    ``keep_incomplete_documents`` (re-joining tasks only): write a document even when some of its
-    segments were rejected (the reference's behaviour); by default such a document is rejected
-    as ``incomplete_document``.
+    Token limits follow the reference's table. The generation settings (``GENERATION_FIELDS``
+    and ``extra_body``) live here only (``LLMConfig`` holds the endpoint): ``max_tokens`` (the
+    generation limit sent to the endpoint) defaults to ``max_output_tokens``; fields left as
+    ``None`` are not sent; change them with overrides (``run_to_parquet(..., temperature=0.7)``,
+    ``--temperature``). ``keep_incomplete_documents`` (tasks whose steps join segments back into
+    documents, ``join_segments``): write a document even when some of its segments were rejected
+    (the reference's behaviour); by default such a document is rejected as
+    ``incomplete_document``.
     """
 
     name: str
@@ -47,7 +53,6 @@ class TaskPreset:
     postprocess_min_tokens: int = 50
     response_prefix: str | None = None
     lines_to_remove: tuple[str, ...] = ()
-    rejoin_segments: bool = False
     keep_incomplete_documents: bool = False
     max_num_pairs: int = 10
     postprocess_steps: tuple[PostStep, ...] = (
@@ -91,8 +96,22 @@ class TaskPreset:
             return [{"role": "system", "content": self.system_prompt}, user]
         return [user]
 
+    def request_settings(self, model: str) -> dict:
+        """The body fields of each request of this task to ``model``; unset fields are not
+        sent, ``extra_body`` is merged in last."""
+        settings: dict[str, Any] = {"model": model}
+        for name in GENERATION_FIELDS:
+            value = self.effective_max_tokens if name == "max_tokens" else getattr(self, name)
+            if value is None or (name == "n" and value == 1):
+                continue
+            settings[name] = list(value) if name == "stop" else value
+        settings.update(self.extra_body)
+        return settings
+
     def describe(self) -> dict:
-        """A JSON-able description of every field (callables by qualified name) for fingerprints."""
+        """A JSON-able description of every field (callables by qualified name) for fingerprints.
+        ``rejoin_segments`` (a field once, now what the steps say) stays in it so that runs
+        started before keep their identity."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -101,6 +120,7 @@ class TaskPreset:
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
+        out["rejoin_segments"] = "join_segments" in out["postprocess_steps"]
         return out
 
 
@@ -137,7 +157,7 @@ PRESETS: dict[str, TaskPreset] = {
         output_field="rephrased",
         min_document_tokens=5, min_segment_tokens=5,
         max_input_tokens=512, max_output_tokens=512, postprocess_min_tokens=50,
-        response_prefix=PARAPHRASE_PREFIX, rejoin_segments=True,
+        response_prefix=PARAPHRASE_PREFIX,
         postprocess_steps=_PARAPHRASE_STEPS + ("drop_incomplete_documents", "join_segments",
                                                "drop_too_short"),
     ),

@@ -55,9 +55,12 @@ def run_nemotron_cc(ddf, llm: LLMConfig | dict, *, tokenizer=None, text_field: s
 
 def nemotron_cc_jobs(output, llm: LLMConfig | dict, text_field: str | None = None,
                      quality_field: str = "bucketed_results", threshold: float = 11, tasks=None,
-                     high_tasks=HIGH_QUALITY_TASKS, low_tasks=LOW_QUALITY_TASKS) -> list[Job]:
-    """One Job per task of the pipeline, each into ``output/<task>/`` on its quality route."""
-    return [Job(resolve_task(task, text_field), _llm_for(task, llm), as_path(output) / task,
+                     high_tasks=HIGH_QUALITY_TASKS, low_tasks=LOW_QUALITY_TASKS,
+                     overrides: dict | None = None) -> list[Job]:
+    """One Job per task of the pipeline, each into ``output/<task>/`` on its quality route;
+    ``overrides``: preset fields set for every task (e.g. ``{"temperature": 0.7}``)."""
+    return [Job(resolve_task(task, text_field, **(overrides or {})), _llm_for(task, llm),
+                as_path(output) / task,
                 Route(quality_field, float(threshold), high))
             for task, high in _routes(tasks, high_tasks, low_tasks).items()]
 
@@ -71,13 +74,15 @@ def run_nemotron_cc_to_parquet(data, output, llm: LLMConfig | dict, *, tokenizer
                                rows_per_partition: int = io.DEFAULT_ROWS_PER_PARTITION,
                                show_progress: bool = True, gpu: bool = False,
                                wait_for_lock: float = 0.0, casts=None,
-                               metrics_port: int | None = None) -> dict:
+                               metrics_port: int | None = None,
+                               overrides: dict | None = None) -> dict:
     """Write ``output/<task>/`` for every task (same layout and resume as ``run_to_parquet``) and
     ``output/report.json`` (per task and total). Returns the per-task reports. ``casts``,
-    ``metrics_port``: see ``runner.run_jobs``."""
+    ``metrics_port``: see ``runner.run_jobs``; ``overrides``: preset fields for every task
+    (generation settings such as ``{"temperature": 0.7}``)."""
     with start_checks():
         jobs = nemotron_cc_jobs(output, llm, text_field, quality_field, threshold, tasks,
-                                high_tasks, low_tasks)
+                                high_tasks, low_tasks, overrides)
     reports = run_jobs(data, jobs, tokenizer=tokenizer, id_field=id_field, seed=seed,
                        overwrite=overwrite, retry_failed=retry_failed,
                        rows_per_partition=rows_per_partition, show_progress=show_progress,

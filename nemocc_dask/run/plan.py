@@ -182,21 +182,23 @@ def _projection(run, counts: dict[str, list[dict]], probes: list[dict], chosen: 
 
 
 def plan(data, output, task, llm: LLMConfig, *, text_field: str | None = None,
-         plan_file=None, **options) -> dict:
-    """Plan one task's run (the arguments of ``run_to_parquet``, and ``plan_jobs``' options);
-    the plan is written to ``plan_file`` (default ``output/plan.json``)."""
+         plan_file=None, overrides: dict | None = None, **options) -> dict:
+    """Plan one task's run (the arguments of ``run_to_parquet``, its preset ``overrides`` as a
+    dict, and ``plan_jobs``' options); the plan is written to ``plan_file`` (default
+    ``output/plan.json``)."""
     with start_checks():
-        job = Job(resolve_task(task, text_field), llm, as_path(output))
+        job = Job(resolve_task(task, text_field, **(overrides or {})), llm, as_path(output))
     return plan_jobs(data, [job], plan_file or job.out_dir / "plan.json", **options)
 
 
 def plan_nemotron_cc(data, output, llm, *, text_field: str | None = None,
                      quality_field: str = "bucketed_results", threshold: float = 11, tasks=None,
-                     plan_file=None, **options) -> dict:
+                     plan_file=None, overrides: dict | None = None, **options) -> dict:
     """Plan the quality-routed pipeline (the arguments of ``run_nemotron_cc_to_parquet``); the
     plan is written to ``plan_file`` (default ``output/plan.json``)."""
     with start_checks():
-        jobs = nemotron_cc_jobs(output, llm, text_field, quality_field, threshold, tasks)
+        jobs = nemotron_cc_jobs(output, llm, text_field, quality_field, threshold, tasks,
+                                overrides=overrides)
     return plan_jobs(data, jobs, plan_file or as_path(output) / "plan.json", **options)
 
 
