@@ -31,7 +31,9 @@ from nemocc_dask import io
 from nemocc_dask.errors import ConfigError, Preempted, StartError
 from nemocc_dask.io.gpu import require_gpu
 from nemocc_dask.llm.config import LLMConfig
-from nemocc_dask.recipe.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS, PRESETS
+from nemocc_dask.options import add_field_options, given
+from nemocc_dask.recipe.presets import (HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS, PRESETS,
+                                        TaskPreset)
 from nemocc_dask.run.cluster import make_client, parse_adapt
 from nemocc_dask.run.plan import PROBE_REQUESTS, SAMPLE_DOCUMENTS
 from nemocc_dask.run.report import combine, render_table
@@ -39,12 +41,10 @@ from nemocc_dask.run.start import start_checks
 
 
 def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("endpoint")
-    g.add_argument("--base-url", action="append",
-                   help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (repeatable)"
-                        "; or --serve")
-    g.add_argument("--model", help="model name served by the endpoint (with --serve PRESET:MODEL"
-                                   " default: MODEL)")
+    """Every LLMConfig field but the key and the Python-only ones, the served model's options,
+    and every TaskPreset field a run may override (built from the dataclasses: ``options``)."""
+    g = p.add_argument_group("endpoint (LLMConfig; the key comes from --api-key-env)")
+    add_field_options(g, LLMConfig, skip=LLM_SKIPPED)
     served = p.add_argument_group("served model (start the server next to each worker)")
     served.add_argument("--serve", metavar="COMMAND|PRESET:MODEL",
                         help="command template with {port} ({host}, {gpu} optional), e.g. "
@@ -62,34 +62,16 @@ def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
                         help="environment of the server processes (repeatable)")
     served.add_argument("--serve-max-restarts", type=int, default=3,
                         help="restarts of a server that exits or stops answering (default 3)")
-    g.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="environment variable holding the API key (default OPENAI_API_KEY)")
-    g.add_argument("--max-in-flight", type=_auto_or(int, "a number"), default="auto",
-                   help="requests in flight per endpoint across all workers together: 'auto' "
-                        "(default) learns each endpoint's capacity from its /metrics queue or "
-                        "its latency; a number fixes it")
-    g.add_argument("--max-in-flight-cap", type=int, default=4096,
-                   help="with auto: never more than this per endpoint (default 4096)")
-    g.add_argument("--max-in-flight-per-worker", type=int,
-                   help="instead, a fixed number per endpoint on every worker")
-    g.add_argument("--max-model-len", type=int,
-                   help="the served model's context (default: what /models reports, if anything);"
-                        " prompts that cannot fit with max_tokens are not sent")
-    g.add_argument("--max-retries", type=int, default=5)
-    g.add_argument("--timeout", type=_auto_or(float, "seconds"), default="auto",
-                   help="per-request timeout: 'auto' (default: follows the endpoint's latency "
-                        "and the task's max tokens, 30 s to 30 min, stated in the report) or "
-                        "fixed seconds")
-    gen = p.add_argument_group("generation (overrides of the task's settings; "
-                               "`nemocc-dask presets` shows them)")
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--top-k", type=int, help="sent only when given")
-    gen.add_argument("--max-tokens", type=int, help="default: the task's max output tokens")
-    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--max-failed-fraction", type=float, default=0.5,
-                   help="stop the run when more than this fraction of an endpoint's requests "
-                        "fail after retries (checked after 50 requests; default 0.5; 1 = never)")
+    task = p.add_argument_group("task settings (each defaults to the task's own value: "
+                                "`nemocc-dask presets`; TaskPreset)")
+    add_field_options(task, TaskPreset, skip=TASK_SKIPPED, rename=TASK_RENAMED,
+                      show_defaults=False)
+
+
+LLM_SKIPPED = ("api_key", "client_factory", "serve")  # a secret; Python objects
+TASK_SKIPPED = ("name", "prompt_template", "output_field",  # the task itself (--prompt-file)
+                "input_field")  # --text-field
+TASK_RENAMED = {"seed": "--generation-seed"}  # --seed is the run's sampling seed
 
 
 def _add_run_options(p: argparse.ArgumentParser, planning: bool = False) -> None:
@@ -181,18 +163,6 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                                        "OUTPUT/plan.json)")
 
 
-def _auto_or(convert, what: str):
-    """An argparse type: ``'auto'`` or ``convert(value)`` (``what`` names it in the error)."""
-    def parse(value: str):
-        if value == "auto":
-            return value
-        try:
-            return convert(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected 'auto' or {what}, got {value!r}") from None
-    return parse
-
-
 def _serve_from_args(args):
     """The ServeSpec of --serve and its options, or None."""
     if not args.serve:
@@ -214,24 +184,15 @@ def _serve_from_args(args):
 
 def _llm_from_args(args) -> LLMConfig:
     with start_checks():
-        if args.serve and args.base_url:
+        fields = given(args, LLMConfig)
+        if args.serve and fields.get("base_url"):
             raise ValueError("give --serve or --base-url, not both")
-        return LLMConfig(base_url=args.base_url or (), model=args.model or "",
-                         serve=_serve_from_args(args), api_key_env=args.api_key_env,
-                         max_in_flight=args.max_in_flight,
-                         max_in_flight_cap=args.max_in_flight_cap,
-                         max_in_flight_per_worker=args.max_in_flight_per_worker,
-                         max_model_len=args.max_model_len,
-                         max_retries=args.max_retries,
-                         timeout=args.timeout, max_failed_fraction=args.max_failed_fraction)
+        return LLMConfig(**fields, serve=_serve_from_args(args))
 
 
-def _generation_overrides(args) -> dict:
-    """The task settings given on the command line (--temperature, --top-p, --top-k,
-    --max-tokens, --stop), for the preset."""
-    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-             "max_tokens": args.max_tokens, "stop": tuple(args.stop) if args.stop else None}
-    return {name: value for name, value in given.items() if value is not None}
+def _task_overrides(args) -> dict:
+    """The TaskPreset fields given on the command line (--temperature, --max-input-tokens ...)."""
+    return given(args, TaskPreset)
 
 
 def _main_thread() -> bool:
@@ -311,7 +272,7 @@ def cmd_run(args) -> int:
                                 rows_per_partition=args.rows_per_partition,
                                 show_progress=not args.no_progress, gpu=args.gpu,
                                 wait_for_lock=args.wait_for_lock, casts=args.cast,
-                                metrics_port=args.metrics_port, **_generation_overrides(args))
+                                metrics_port=args.metrics_port, **_task_overrides(args))
     _print_reports({report["task"]: report}, args.output)
     return 0
 
@@ -329,7 +290,7 @@ def cmd_nemotron_cc(args) -> int:
             overwrite=args.overwrite, retry_failed=args.retry_failed,
             rows_per_partition=args.rows_per_partition, show_progress=not args.no_progress,
             gpu=args.gpu, wait_for_lock=args.wait_for_lock, casts=args.cast,
-            metrics_port=args.metrics_port, overrides=_generation_overrides(args))
+            metrics_port=args.metrics_port, overrides=_task_overrides(args))
     _print_reports(reports, args.output)
     combined = combine(reports)
     print(json.dumps({"total": combined["total"]}, indent=1))
@@ -357,7 +318,7 @@ def cmd_plan(args) -> int:
             result = plan_nemotron_cc(args.input, args.output, llm,
                                       quality_field=args.quality_field,
                                       threshold=args.threshold, tasks=tasks,
-                                      overrides=_generation_overrides(args), **options)
+                                      overrides=_task_overrides(args), **options)
     else:
         if not args.task and not args.prompt_file:
             raise ConfigError("give --task NAME (one of " + ", ".join(PRESETS) + "), "
@@ -366,7 +327,7 @@ def cmd_plan(args) -> int:
         llm = _llm_from_args(args)
         with _client(args):
             result = plan(args.input, args.output, task, llm,
-                          overrides=_generation_overrides(args), **options)
+                          overrides=_task_overrides(args), **options)
     print(render_plan(result))
     print(f"plan: {args.plan_file or Path(args.output) / 'plan.json'}")
     return 0

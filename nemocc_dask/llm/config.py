@@ -27,12 +27,16 @@ class LLMConfig:
     Parameters
     ----------
     base_url:
-        One URL or a list (``http://host:8000/v1``); requests are spread least-in-flight first.
+        One URL or a list (``http://host:8000/v1``; on the command line repeat the option);
+        requests are spread least-in-flight first. Or ``serve``.
     model:
-        The model name sent with every request (checked against ``GET /models`` before a run).
+        The model name sent with every request (checked against ``GET /models`` before a run;
+        with ``serve`` of a preset, its model by default).
     api_key:
         Explicit key; else read from the environment variable ``api_key_env`` (when set there).
         Never shown in ``repr``, logs, reports, journals or files.
+    api_key_env:
+        The environment variable holding the API key.
     max_in_flight:
         ``"auto"`` (default): each endpoint's window is learned (``nemocc_dask.llm.concurrency``:
         the concurrency at which its throughput stops rising, from its ``/metrics`` queue or its
@@ -53,6 +57,8 @@ class LLMConfig:
         Retries after the first attempt for 429/408/5xx/timeouts/connection
         errors, with exponential backoff ``backoff_base * 2**k`` (jittered, capped at
         ``backoff_max``, at least ``Retry-After``).
+    endpoint_cooldown:
+        Seconds an endpoint that failed to connect gets no requests.
     max_model_len:
         The served model's context (prompt + answer tokens). Default: what the endpoint reports in
         ``GET /models`` (vLLM's ``max_model_len``), else unknown. A prompt that cannot fit with
@@ -66,6 +72,8 @@ class LLMConfig:
         more than ``max_failed_fraction`` of them failed (after retries), it gets no more
         requests; when every endpoint is over budget the run stops (exit status 1) with the error
         class and an example, keeping every answer received. ``max_failed_fraction=1`` turns it off.
+    return_all_choices:
+        With ``n`` > 1: keep every choice of each answer (column ``llm_choices``, JSON).
     client_factory:
         Optional picklable zero-argument callable that builds a custom client on each worker
         (see ``nemocc_dask.llm.client``); replaces the HTTP client and ``base_url``.

@@ -34,10 +34,47 @@ class TaskPreset:
     and ``extra_body``) live here only (``LLMConfig`` holds the endpoint): ``max_tokens`` (the
     generation limit sent to the endpoint) defaults to ``max_output_tokens``; fields left as
     ``None`` are not sent; change them with overrides (``run_to_parquet(..., temperature=0.7)``,
-    ``--temperature``). ``keep_incomplete_documents`` (tasks whose steps join segments back into
-    documents, ``join_segments``): write a document even when some of its segments were rejected
-    (the reference's behaviour); by default such a document is rejected as
-    ``incomplete_document``.
+    ``--temperature``); every field below is also a command-line option of ``run``,
+    ``nemotron-cc`` and ``plan`` (built from this list).
+
+    Parameters
+    ----------
+    name, prompt_template, output_field:
+        The task: its name, the user prompt with ``{document}`` once, the output column.
+    system_prompt:
+        The system message (None: only a user message is sent).
+    input_field:
+        The input column with the documents.
+    min_document_tokens:
+        Shorter documents are not processed (``document_too_short``).
+    min_segment_tokens:
+        Shorter segments are merged with their neighbours or dropped.
+    max_input_tokens:
+        Documents are split into segments of at most this many tokens.
+    max_output_tokens:
+        The task's answer limit, sent as ``max_tokens`` unless that is given.
+    postprocess_max_tokens:
+        Longer answers are rejected as ``too_long`` (default: max_output_tokens - 2).
+    postprocess_min_tokens:
+        Shorter answers are rejected as ``too_short``.
+    response_prefix:
+        Answers must start with it (``missing_prefix``); it is then removed.
+    lines_to_remove:
+        Exact lines deleted from answers.
+    keep_incomplete_documents:
+        With the ``join_segments`` step: write a document even when some of its segments were
+        rejected (the reference's behaviour); by default it is rejected as
+        ``incomplete_document``.
+    max_num_pairs:
+        diverse_qa: at most this many Question/Answer pairs are sampled per answer.
+    postprocess_steps:
+        The post-processing chain: built-in step names or ``df -> df`` functions.
+    temperature, top_p, top_k, seed, stop, n:
+        Generation settings sent with each request (None: not sent; n=1 is not sent).
+    max_tokens:
+        The generation limit sent with each request (default: max_output_tokens).
+    extra_body:
+        More fields for the request body, passed through to the server (a JSON object).
     """
 
     name: str
