@@ -20,3 +20,10 @@ def _register_defaults() -> None:
 
 
 _register_defaults()
+
+
+def setting(key: str):
+    """The value of ``nemocc.<key>`` (dotted, e.g. ``"lock.heartbeat-seconds"``): the packaged
+    default from ``nemocc.yaml`` unless set in Dask config or a ``DASK_NEMOCC__...`` variable.
+    Read where it is used, so a value set before a cluster starts reaches its workers."""
+    return dask.config.get(f"nemocc.{key}")

@@ -59,3 +59,16 @@ def docs_parquet(tmp_path):
     pq.write_table(pa.Table.from_pandas(make_docs(60), preserve_index=False), path,
                    row_group_size=10)
     return path
+
+
+@pytest.fixture
+def nemocc_config():
+    """Set ``nemocc.*`` Dask config for one test (before its cluster starts, to reach the
+    workers): ``nemocc_config({"lock.heartbeat-seconds": 0.1})``; undone at the end."""
+    import contextlib
+
+    import dask.config
+
+    with contextlib.ExitStack() as stack:
+        yield lambda values: stack.enter_context(
+            dask.config.set({f"nemocc.{key}": value for key, value in values.items()}))

@@ -97,11 +97,11 @@ def test_s3_input_and_output_with_kill_and_resume(s3, tmp_path):
         assert SECRET.encode() not in s3.get_object(Bucket="corpus", Key=key)["Body"].read(), key
 
 
-def test_journal_on_s3_is_written_in_chunks_and_read_back(s3):
+def test_journal_on_s3_is_written_in_chunks_and_read_back(s3, nemocc_config):
     from nemocc_dask.run.generate import Journal
 
+    nemocc_config({"journal.chunk-records": 2})
     journal = Journal("s3://corpus/jtest/journal/part-00000.jsonl")
-    journal.CHUNK_RECORDS = 2
     sink = journal.open()
     for i in range(5):
         sink.write(f'{{"key": "k{i}", "text": "a{i}"}}\n')

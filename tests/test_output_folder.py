@@ -110,10 +110,8 @@ def test_a_live_process_on_this_host_is_never_taken_over_however_old_its_heartbe
         sleeper.wait()
 
 
-def test_a_run_whose_lock_was_taken_stops_and_never_rewrites_it(tmp_path, monkeypatch):
-    from nemocc_dask.run import output_folder
-
-    monkeypatch.setattr(output_folder, "HEARTBEAT_SECONDS", 0.1)
+def test_a_run_whose_lock_was_taken_stops_and_never_rewrites_it(tmp_path, nemocc_config):
+    nemocc_config({"lock.heartbeat-seconds": 0.1})
     out = tmp_path / "out"
     lost = []
     lock = OutputLock(out, on_lost=lost.append)

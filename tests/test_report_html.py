@@ -11,7 +11,6 @@ from html.parser import HTMLParser
 import pytest
 
 from nemocc_dask import LLMConfig, MockLLMServer, run_to_parquet
-from nemocc_dask.run import runner
 from nemocc_dask.run.report_html import SECTIONS
 
 
@@ -35,8 +34,8 @@ class Page(HTMLParser):
 
 
 @pytest.mark.slow
-def test_report_html_live_then_final(tmp_path, docs_parquet, monkeypatch):
-    monkeypatch.setattr(runner, "REFRESH_SECONDS", 0.5)
+def test_report_html_live_then_final(tmp_path, docs_parquet, nemocc_config):
+    nemocc_config({"report-refresh-seconds": 0.5})
     out = tmp_path / "out"
     live_pages = []
 

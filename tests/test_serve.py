@@ -166,11 +166,9 @@ def test_the_full_pipeline_runs_all_five_tasks_against_the_same_servers(tmp_path
 
 @pytest.mark.slow
 def test_a_slow_server_start_is_reported_while_the_run_waits(tmp_path, cluster_client,
-                                                             monkeypatch, caplog):
+                                                             nemocc_config, caplog):
     """Loading a model takes minutes: the driver says it is still waiting, and for how long."""
-    from nemocc_dask.serve import workers
-
-    monkeypatch.setattr(workers, "WAITING_LOG_SECONDS", 0.5)
+    nemocc_config({"serve.waiting-log-seconds": 0.5})
     path = tmp_path / "docs.parquet"
     make_docs(10).to_parquet(path)
     slow = f"sh -c 'sleep 2; exec {MOCK}'"

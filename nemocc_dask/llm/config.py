@@ -11,8 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from nemocc_dask.llm import timeouts
+from nemocc_dask.config import setting
 from nemocc_dask.recipe.presets import TaskPreset
+
 
 def server_root(base_url: str) -> str:
     """The server's root for routes outside the OpenAI API (``/tokenize``, ``/metrics``):
@@ -151,7 +152,8 @@ class LLMConfig:
     def client_timeout(self) -> float:
         """The limit a client itself enforces: the fixed timeout, or the automatic one's
         ceiling."""
-        return timeouts.CEILING_SECONDS if self.adaptive_timeout else float(self.timeout)
+        return (float(setting("request-timeout.ceiling-seconds")) if self.adaptive_timeout
+                else float(self.timeout))
 
     @property
     def in_flight_total(self) -> int:

@@ -14,11 +14,10 @@ import collections
 import time
 from typing import Any
 
+from nemocc_dask.config import setting
 from nemocc_dask.llm.concurrency import Tally
 from nemocc_dask.llm.telemetry import EndpointSeries
 from nemocc_dask.llm.timeouts import AdaptiveTimeout
-
-CONNECTION_FAILURES_BEFORE_COOLDOWN = 3
 
 
 class Endpoint:
@@ -131,7 +130,8 @@ class Endpoint:
     def on_connection_failure(self, now: float, cooldown: float) -> bool:
         """Count a failed connection; True when the endpoint goes into cool-down."""
         self.consecutive_connection_failures += 1
-        if self.consecutive_connection_failures >= CONNECTION_FAILURES_BEFORE_COOLDOWN:
+        limit = setting("endpoint.connection-failures-before-cooldown")
+        if self.consecutive_connection_failures >= limit:
             self.cooldown_until = now + cooldown
             self.consecutive_connection_failures = 0
             return True

@@ -12,7 +12,8 @@ which learns one window per endpoint for the whole cluster (``max_in_flight="aut
 divides it among the workers by demand, under leases; with ``max_in_flight_per_worker``, or
 outside a Dask worker, a coordinator of the pool's own. The pool reports what it sent and saw
 (``Endpoint.take_report``), tags each request with the epoch it was sent in, and polls the
-server's ``/metrics`` queue every ``METRICS_SECONDS`` when the coordinator makes it the poller.
+server's ``/metrics`` queue every ``nemocc.endpoint.metrics-poll-seconds`` when the coordinator
+makes it the poller.
 
 Failure budget: an endpoint whose finished requests fail more than ``max_failed_fraction`` of the
 time (after ``failure_min_requests`` of them) is clearly broken and gets no more requests; when
@@ -45,8 +46,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from nemocc_dask.config import setting
 from nemocc_dask.errors import Preempted, RunError
-from nemocc_dask.llm import timeouts
 from nemocc_dask.llm.client import Completion, LLMRequestError, RetryableError
 from nemocc_dask.llm.coordinator import LocalLink
 from nemocc_dask.llm.endpoint import Endpoint
@@ -54,7 +55,6 @@ from nemocc_dask.llm.telemetry import parse_queue_metrics
 from nemocc_dask.llm.timeouts import AdaptiveTimeout
 
 LIVENESS_CHECK_SECONDS = 1.0
-METRICS_SECONDS = 0.5
 METRICS_FAILURES_BEFORE_LATENCY = 3
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class WorkerPool:
         async with aiohttp.ClientSession(timeout=timeout, headers=self._metrics_headers) as http:
             while (not self.closed and endpoint.poll
                    and failures < METRICS_FAILURES_BEFORE_LATENCY):
-                await asyncio.sleep(METRICS_SECONDS)
+                await asyncio.sleep(setting("endpoint.metrics-poll-seconds"))
                 if not endpoint.in_flight and not self._waiters:
                     continue
                 try:
@@ -346,7 +346,8 @@ class WorkerPool:
             return await asyncio.wait_for(call, limit)
         except asyncio.TimeoutError:
             raise RetryableError("timeout", f"{endpoint.name}: no answer within {limit:.0f} s "
-                                            f"(the automatic limit, {timeouts.MARGIN:g}x the "
+                                            f"(the automatic limit, "
+                                            f"{setting('request-timeout.margin'):g}x the "
                                             "full-length latency its recent answers predict; "
                                             "pass --timeout SECONDS for a fixed one)") from None
 

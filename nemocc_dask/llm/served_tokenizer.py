@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from nemocc_dask.config import setting
 from nemocc_dask.errors import ConfigError
 from nemocc_dask.llm.config import LLMConfig, server_root
 from nemocc_dask.recipe import prompts
@@ -46,13 +47,12 @@ TOKENIZE_TIMEOUT = 30.0
 TOKENIZE_THREADS = 16
 TOKENIZE_ATTEMPTS = 3
 TEXTS_PER_DOCUMENT = 7  # counts per document in preprocessing (document, segments, prompts)
-SERVED_COUNTING_LIMIT_SECONDS = 1800.0  # longer projected counting is refused unless forced
 FORCE = "served"  # --tokenizer served: count through the route whatever it costs
 
 
 class ServedCountingTooSlow(ConfigError):
     """Counting every text through the server would take longer than
-    ``SERVED_COUNTING_LIMIT_SECONDS``; the message has the measured cost and the fixes."""
+    ``nemocc.served-counting-limit-seconds``; the message has the measured cost and the fixes."""
 
 
 def _post_json(url: str, body: dict, api_key: str | None, timeout: float) -> dict:
@@ -135,7 +135,7 @@ def _check_counting_cost(model: str, root: str, per_text: float, documents: int 
         cost += (f"; about {texts:,} texts for {documents:,} documents, ~{projected / 60:.0f} "
                  "min of counting")
     fix = "Pass --tokenizer (the model's folder, tokenizer.json or .gguf) to count locally"
-    if projected > SERVED_COUNTING_LIMIT_SECONDS and not force:
+    if projected > setting("served-counting-limit-seconds") and not force:
         raise ServedCountingTooSlow(
             f"no local tokenizer counts as model {model!r} does, and counting every text "
             f"through the inference server ({root}/tokenize) would dominate the run ({cost}). "
@@ -189,7 +189,7 @@ def find_served_tokenizer(llm: LLMConfig, documents: int | None = None,
     """The tokenizer spec for ``llm``'s model (see the module docstring): a local spec (str),
     a ``ServedTokenizer``, or None (the bundled default). Counting through the route is said at
     WARNING with its cost measured on the probe texts and projected over ``documents``;
-    ServedCountingTooSlow when that is over ``SERVED_COUNTING_LIMIT_SECONDS``, unless
+    ServedCountingTooSlow when that is over ``nemocc.served-counting-limit-seconds``, unless
     ``force``."""
     if not llm.model:  # a custom client that names no model
         return None

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+from nemocc_dask.config import setting
 from nemocc_dask.io import atomic_write_bytes, naming, storage
 from nemocc_dask.io.frames import series_like, to_host_list
 from nemocc_dask.llm.config import LLMConfig
@@ -44,11 +45,8 @@ class Journal:
     """Append-only JSON-lines record of finished requests for one partition, keyed by request
     hash. Locally one file, appended and flushed per answer. On an object store (no appends) the
     answers go to numbered chunk objects in ``<name>.d/``, each written in one PUT once it holds
-    ``CHUNK_RECORDS`` answers or is ``CHUNK_SECONDS`` old: a crash there loses at most that many
-    answers (they are sent again on resume)."""
-
-    CHUNK_RECORDS = 64
-    CHUNK_SECONDS = 5.0
+    ``nemocc.journal.chunk-records`` answers or is ``nemocc.journal.chunk-seconds`` old: a crash
+    there loses at most that many answers (they are sent again on resume)."""
 
     def __init__(self, path):
         self.path = storage.as_path(path)
@@ -105,8 +103,8 @@ class Journal:
         line of its own."""
         if storage.is_remote(self.path):
             taken = [int(c.stem) for c in self._chunk_files()]
-            return _ChunkSink(self.chunks, max(taken, default=0) + 1, self.CHUNK_RECORDS,
-                              self.CHUNK_SECONDS)
+            return _ChunkSink(self.chunks, max(taken, default=0) + 1,
+                              setting("journal.chunk-records"), setting("journal.chunk-seconds"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         torn = False
         if self.path.exists() and self.path.stat().st_size:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from nemocc_dask import io
+from nemocc_dask.config import setting
 from nemocc_dask.errors import RunError, StartError
 from nemocc_dask.io import storage
 from nemocc_dask.serve.process import SERVE_LOGS  # written by a served model from the start
@@ -29,8 +30,6 @@ MANIFEST = "run.json"
 LOCK = ".nemocc.lock"
 GUARD = ".nemocc.lock.guard"  # flock'ed while a run reads and writes the lock
 OWNED = ("parts", "rejects", "stats", "journal", MANIFEST, "report.json", "input-cache.json")
-HEARTBEAT_SECONDS = 10.0
-STALE_AFTER_SECONDS = 60.0
 
 
 class OutputError(StartError, ValueError):
@@ -151,7 +150,8 @@ def _live_holder(lock: dict | None, path: Path) -> dict | None:
     """The lock's contents if a live run holds it, else None (no lock, or a stale one that may
     be taken over). On this host the holder's process decides: alive (the same process, not a
     reused PID) is live, whatever its heartbeat. On another host: a heartbeat within
-    ``STALE_AFTER_SECONDS``. A lock file that cannot be read is live until it is that old."""
+    ``nemocc.lock.stale-after-seconds``. A lock file that cannot be read is live until it is
+    that old."""
     if lock is None:
         return None
     if lock.get("host") == socket.gethostname() and "pid" in lock:
@@ -162,7 +162,7 @@ def _live_holder(lock: dict | None, path: Path) -> dict | None:
         return lock
     with contextlib.suppress(OSError):
         beat = max(float(lock.get("heartbeat", 0)), path.stat().st_mtime)
-        if time.time() - beat <= STALE_AFTER_SECONDS:
+        if time.time() - beat <= setting("lock.stale-after-seconds"):
             return lock
     return None
 
@@ -179,13 +179,14 @@ def _describe(out_dir: Path, holder: dict) -> str:
     if not holder:
         return (f"output folder {str(out_dir)!r} has a lock file ({LOCK}) that is not a lock "
                 f"(written by a run interrupted while writing it?); it is taken over once it is "
-                f"{STALE_AFTER_SECONDS:.0f} s old, or delete it if no run uses the folder")
+                f"{setting('lock.stale-after-seconds'):.0f} s old, or delete it if no run uses the "
+                "folder")
     age = time.time() - float(holder.get("heartbeat", 0))
     return (f"output folder {str(out_dir)!r} is being written by another run (host "
             f"{holder.get('host')}, pid {holder.get('pid')}, heartbeat {age:.0f} s ago); wait "
             "for it to end or stop it (--wait-for-lock SECONDS waits for it). A lock is taken "
             "over when its process has died (same host) or after "
-            f"{STALE_AFTER_SECONDS:.0f} s without a heartbeat (another host)")
+            f"{setting('lock.stale-after-seconds'):.0f} s without a heartbeat (another host)")
 
 
 def check_lock(out_dir: Path) -> None:
@@ -215,9 +216,9 @@ class OutputLock:
     Taken after every check has passed. On a local or shared file system every read-decide-write
     of the lock happens under ``flock`` on a guard file next to it, and the lock is written whole
     (temporary file and rename), so two runs starting at the same instant cannot both win; on an
-    object store it is advisory. Refreshed every ``HEARTBEAT_SECONDS`` by a thread, which first
-    checks that the lock is still this run's: if another run has taken it, ``on_lost(message)``
-    is called (the runner stops sending at once) and the heartbeat stops. Removed when the run
+    object store it is advisory. Refreshed every ``nemocc.lock.heartbeat-seconds`` by a thread,
+    which first checks that the lock is still this run's: if another run has taken it,
+    ``on_lost(message)`` is called (the runner stops sending at once) and the heartbeat stops. Removed when the run
     ends (only if still ours)."""
 
     def __init__(self, out_dir: Path, on_lost: Callable[[str], None] | None = None):
@@ -258,7 +259,7 @@ class OutputLock:
         return self
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+        while not self._stop.wait(setting("lock.heartbeat-seconds")):
             try:
                 with self._guard():
                     if not self._mine():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import dask.config
 
+from nemocc_dask.config import setting
 from nemocc_dask.io.storage import is_remote
 from nemocc_dask.llm.telemetry import (describe_endpoints, latency_bin, merge_series,
                                        summarise_endpoints)
@@ -23,7 +24,6 @@ from nemocc_dask.run.partition_job import journal_path
 logger = logging.getLogger(__name__)
 
 
-STATUS_SECONDS = 2.0  # how often the progress line asks for the endpoints' status
 MAX_SAMPLES = 2000    # endpoint samples kept for report.html (thinned to every other beyond)
 
 
@@ -67,11 +67,11 @@ class Progress:
                  endpoint_statuses=None, metrics_port: int | None = None,
                  metrics_host: str = "127.0.0.1", every=None):
         """``endpoint_statuses``: a callable returning every pool's endpoint statuses (see
-        ``telemetry.describe_endpoints``), asked every ``STATUS_SECONDS``. ``enabled``: print
-        the line; ``metrics_port``: also serve the figures for Prometheus (``run.metrics``;
-        0 picks a free port, see ``metrics_url``); ``every``: (seconds, callable) called with
-        this Progress that often while the run goes (the live report.html). ``samples``: each endpoint's summary
-        over time, one per status asked."""
+        ``telemetry.describe_endpoints``), asked every ``nemocc.progress-status-seconds``.
+        ``enabled``: print the line; ``metrics_port``: also serve the figures for Prometheus
+        (``run.metrics``; 0 picks a free port, see ``metrics_url``); ``every``: (seconds,
+        callable) called with this Progress that often while the run goes (the live
+        report.html). ``samples``: each endpoint's summary over time, one per status asked."""
         self.samples: list[dict] = []
         self._every = every
         self.out_dirs, self.total = out_dirs, total_parts
@@ -180,7 +180,7 @@ class Progress:
         called = time.time()
         while not self._stop.wait(0.5):
             self._scan()
-            if time.time() - asked >= STATUS_SECONDS:
+            if time.time() - asked >= setting("progress-status-seconds"):
                 self._refresh_endpoints()
                 asked = time.time()
             if self._every is not None and time.time() - called >= self._every[0]:

@@ -1,7 +1,7 @@
 """``report.html``: one self-contained page per task folder (plots inline as SVG, no script, no
-network), written while the run goes (every ``REFRESH_SECONDS``, from the partitions finished so
-far) and once more at the end. Sections: throughput and window against the server's queue over
-time per endpoint, errors over time and by class, rows kept and rejected by reason, token-length
+network), written while the run goes (every ``nemocc.report-refresh-seconds``, from the
+partitions finished so far) and once more at the end. Sections: throughput and window against the
+server's queue over time per endpoint, errors over time and by class, rows kept and rejected by reason, token-length
 histograms of segments and answers, example rows, the plan's projection against the run.
 """
 
@@ -13,9 +13,9 @@ import json
 import time
 from pathlib import Path
 
+from nemocc_dask.config import setting
 from nemocc_dask.io import atomic_write_bytes
 
-REFRESH_SECONDS = 30.0
 SECTIONS = ("throughput", "errors", "rows", "tokens", "examples", "plan")
 EXAMPLES = 5
 
@@ -171,7 +171,7 @@ def render(report: dict, out_dir: Path, samples: list[dict], plan: dict | None,
               "errors": "Errors and retries", "rows": "Rows kept and rejected",
               "tokens": "Token lengths", "examples": "Example rows",
               "plan": "The plan against the run"}
-    state = "final" if final else f"live, refreshed every {REFRESH_SECONDS:.0f} s"
+    state = "final" if final else f"live, refreshed every {setting('report-refresh-seconds'):.0f} s"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     head = (f"<h1>nemocc-dask: task {html.escape(str(report.get('task', '')))}</h1>"
             f"<p>{state}; written {stamp}; {report.get('partitions', 0)} partitions, "
@@ -179,7 +179,8 @@ def render(report: dict, out_dir: Path, samples: list[dict], plan: dict | None,
             f"requests, {report.get('wall_seconds', 0)} s</p>")
     sections = "".join(f"<section id='{key}'><h2>{titles[key]}</h2>{bodies[key]}</section>"
                        for key in SECTIONS)
-    refresh = "" if final else f"<meta http-equiv='refresh' content='{REFRESH_SECONDS:.0f}'>"
+    seconds = setting("report-refresh-seconds")
+    refresh = "" if final else f"<meta http-equiv='refresh' content='{seconds:.0f}'>"
     style = ("body{font-family:sans-serif;max-width:60em;margin:auto}td{padding:0 1em}"
              "pre{white-space:pre-wrap;max-height:20em;overflow:auto;margin:0}"
              ".examples td{vertical-align:top;width:50%;border-top:1px solid #ccc}")

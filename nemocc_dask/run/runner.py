@@ -1,6 +1,6 @@
 """Driver side of a lossless run: check everything before the first request and before the output
-folder changes (``run.start``), lock the folder, skip finished partitions (or redo those with failed requests under
-``retry_failed``), run the rest on the cluster with a live progress line, and write the report.
+folder changes (``run.start``), lock the folder, skip finished partitions (or redo those with
+failed requests under ``retry_failed``), run the rest on the cluster with a live progress line, and write the report.
 """
 
 from __future__ import annotations
@@ -15,19 +15,20 @@ from typing import Any
 import dask
 
 from nemocc_dask import io
+from nemocc_dask.config import setting
 from nemocc_dask.errors import Preempted, RunError
 from nemocc_dask.io.storage import as_path, refresh
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.recipe.presets import TaskPreset
 from nemocc_dask.recipe.tokenizer import tokenizer_name
 from nemocc_dask.run.execution import compute, register_pool_plugin
+from nemocc_dask.run.ledger import ledger
 from nemocc_dask.run.output_folder import MANIFEST, LockLost, OutputError
 from nemocc_dask.run.partition_job import finished_stats, process_partition
 from nemocc_dask.run.pipeline import resolve_task
 from nemocc_dask.run.progress import Progress, endpoint_series, endpoint_statuses
 from nemocc_dask.run.report import aggregate, this_run, with_history
-from nemocc_dask.run.ledger import ledger
-from nemocc_dask.run.report_html import REFRESH_SECONDS, read_plan, write_report_html
+from nemocc_dask.run.report_html import read_plan, write_report_html
 from nemocc_dask.run.start import Job, partition_plans, prepare, start_checks, taken_folders
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
 
             with Progress([j.out_dir for j in run.jobs], len(tasks), show_progress,
                           endpoint_statuses, metrics_port,
-                          every=(REFRESH_SECONDS, live_pages)) as progress:
+                          every=(setting("report-refresh-seconds"), live_pages)) as progress:
                 try:
                     compute(tasks, out_dirs, progress)
                 except (Preempted, RunError):

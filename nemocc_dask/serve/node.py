@@ -28,8 +28,9 @@ import threading
 import time
 from pathlib import Path
 
-from nemocc_dask.serve.process import (HEALTH_FAILURES_BEFORE_RESTART, ServedProcess, ServeError,
-                                       ServeSpec, alive, health_ok, kill_group, wait_for_health)
+from nemocc_dask.config import setting
+from nemocc_dask.serve.process import (ServedProcess, ServeError, ServeSpec, alive, health_ok,
+                                       kill_group, wait_for_health)
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class NodeServer:
         if alive(state["pid"]):
             ok = await asyncio.get_running_loop().run_in_executor(None, self._healthy)
             self.health_failures = 0 if ok or self._starting(state) else self.health_failures + 1
-            if self.health_failures < HEALTH_FAILURES_BEFORE_RESTART:
+            if self.health_failures < setting("serve.health-failures-before-restart"):
                 return
         async with self._locked_async():
             state = self._read() or self.state

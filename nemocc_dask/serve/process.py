@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nemocc_dask.config import setting
 from nemocc_dask.errors import StartError
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,6 @@ PRESETS = {  # name -> (command with {model}, health path); with the /metrics th
 }
 SERVE_PER = ("worker", "gpu", "node")
 SERVE_LOGS = "serve-logs"  # the servers' logs, in the run's output folder
-HEALTH_POLL_SECONDS = 1.0
-HEALTH_FAILURES_BEFORE_RESTART = 5
-STOP_GRACE_SECONDS = 10.0
 LOG_TAIL_LINES = 20
 
 
@@ -105,12 +103,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-def kill_group(pgid: int, grace: float = STOP_GRACE_SECONDS) -> None:
+def kill_group(pgid: int, grace: float | None = None) -> None:
     """SIGTERM the process group ``pgid`` (a process of any parent), SIGKILL it after ``grace``
-    seconds if its leader still runs."""
+    seconds (default ``nemocc.serve.stop-grace-seconds``) if its leader still runs."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
+    deadline = time.monotonic() + (setting("serve.stop-grace-seconds") if grace is None
+                                   else grace)
     while alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
@@ -147,7 +146,7 @@ async def wait_for_health(healthy, exited, deadline: float, spec: ServeSpec,
                              f"lines of {log_path}:\n{log_tail(log_path)}")
         if await loop.run_in_executor(None, healthy):
             return
-        await asyncio.sleep(HEALTH_POLL_SECONDS)
+        await asyncio.sleep(setting("serve.health-poll-seconds"))
     raise ServeError(f"the served model did not answer {spec.health} within "
                      f"{spec.startup_timeout:g} s (--serve-startup-timeout); last lines of "
                      f"{log_path}:\n{log_tail(log_path)}")
@@ -225,7 +224,7 @@ class ServedProcess:
         if not exited:
             ok = await loop.run_in_executor(None, self.healthy)
             self.health_failures = 0 if ok else self.health_failures + 1
-        if not (exited or self.health_failures >= HEALTH_FAILURES_BEFORE_RESTART):
+        if not (exited or self.health_failures >= setting("serve.health-failures-before-restart")):
             return
         if self.restarts >= self.spec.max_restarts:
             return
@@ -239,13 +238,13 @@ class ServedProcess:
             await self.wait_healthy()
 
     def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL it after STOP_GRACE_SECONDS."""
+        """SIGTERM the process group, SIGKILL it after nemocc.serve.stop-grace-seconds."""
         if self.proc is None or self.proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(STOP_GRACE_SECONDS)
+            self.proc.wait(setting("serve.stop-grace-seconds"))
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)

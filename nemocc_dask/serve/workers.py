@@ -27,16 +27,15 @@ from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from nemocc_dask.config import setting
 from nemocc_dask.serve.node import NodeServer, meeting_folder
-from nemocc_dask.serve.process import (HEALTH_POLL_SECONDS, SERVE_LOGS, ServedProcess, ServeError,
-                                       ServeSpec)
+from nemocc_dask.serve.process import SERVE_LOGS, ServedProcess, ServeError, ServeSpec
 
 __all__ = ["ServeError", "ServeSpec", "ServePlugin", "local_urls", "served_status", "serving"]
 
 logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "nemocc-serve"
-WAITING_LOG_SECONDS = 30.0
 
 
 def _gpus(spec: ServeSpec) -> list[str]:
@@ -99,7 +98,7 @@ class ServePlugin(WorkerPlugin):
 
     async def _supervise(self) -> None:
         while True:
-            await asyncio.sleep(HEALTH_POLL_SECONDS)
+            await asyncio.sleep(setting("serve.health-poll-seconds"))
             for server in self.servers:
                 await server.supervise_once()
 
@@ -147,12 +146,13 @@ def served_status(dask_worker=None) -> list[dict]:
 
 @contextlib.contextmanager
 def _still_waiting(spec: ServeSpec):
-    """Log every WAITING_LOG_SECONDS while the servers start (loading a model takes minutes)."""
+    """Log every ``nemocc.serve.waiting-log-seconds`` while the servers start (loading a model
+    takes minutes)."""
     done = threading.Event()
     started = time.monotonic()
 
     def remind() -> None:
-        while not done.wait(WAITING_LOG_SECONDS):
+        while not done.wait(setting("serve.waiting-log-seconds")):
             logger.info("still waiting for the served model to answer %s (%.0f s of %g s; its "
                         "output is in %s)", spec.health, time.monotonic() - started,
                         spec.startup_timeout, spec.log_dir or SERVE_LOGS)
