@@ -9,6 +9,8 @@ backend's usual sources (environment, config files, instance roles) and are neve
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import shutil
 from pathlib import Path
@@ -62,9 +64,12 @@ def refresh(path) -> None:
 
 
 def remove_tree(path) -> None:
-    """Delete a file or a folder with everything in it; nothing if it does not exist."""
+    """Delete a file or a folder with everything in it; nothing if it does not exist. On an
+    object store the listing is read afresh (a cached one can miss objects written since, and
+    leave them behind)."""
     if is_remote(path):
-        if path.exists():
+        path.fs.invalidate_cache()
+        with contextlib.suppress(FileNotFoundError):
             path.fs.rm(path.path, recursive=True)
     elif path.is_dir():
         shutil.rmtree(path)
