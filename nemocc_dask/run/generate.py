@@ -23,16 +23,10 @@ from nemocc_dask.llm.pool import Request, Result
 from nemocc_dask.llm.pools import get_pool
 from nemocc_dask.llm.preflight import preflight_once
 from nemocc_dask.recipe.presets import TaskPreset
+from nemocc_dask.recipe.stages.contracts import result_columns
 from nemocc_dask.recipe.tokenizer import count_tokens_list, load_tokenizer, prompt_overhead_tokens
 
 logger = logging.getLogger(__name__)
-
-
-def result_columns(preset: TaskPreset) -> dict[str, str]:
-    """The columns ``generate`` adds, with their explicit dtypes."""
-    return {preset.output_field: "string", "llm_finish_reason": "string",
-            "llm_prompt_tokens": "Int64", "llm_completion_tokens": "Int64", "llm_error": "string",
-            "llm_model": "string", "task": "string"}
 
 
 def request_key(messages: list[dict], settings: dict) -> str:

@@ -12,7 +12,8 @@ from nemocc_dask.io.storage import as_path
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.recipe.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS
 from nemocc_dask.recipe.stages.route import Route, select_route
-from nemocc_dask.run.pipeline import require_columns, resolve_task, run_task
+from nemocc_dask.recipe.stages.contracts import check_contracts, route_contract
+from nemocc_dask.run.pipeline import resolve_task, run_task
 from nemocc_dask.run.report import combine
 from nemocc_dask.run.runner import run_jobs
 from nemocc_dask.run.start import Job, start_checks
@@ -43,7 +44,7 @@ def run_nemotron_cc(ddf, llm: LLMConfig | dict, *, tokenizer=None, text_field: s
                     low_tasks=LOW_QUALITY_TASKS, **overrides) -> dict:
     """One lazy frame per task (a dict). ``llm`` is one LLMConfig or a dict task -> LLMConfig (with
     an optional ``"default"``). Documents with a missing or non-numeric quality are in no task."""
-    require_columns(ddf.columns, {"quality": quality_field})
+    check_contracts(ddf.columns, [route_contract(Route(quality_field, float(threshold), True))])
     frames = {}
     for task, high in _routes(tasks, high_tasks, low_tasks).items():
         routed = ddf.map_partitions(select_route, Route(quality_field, float(threshold), high),

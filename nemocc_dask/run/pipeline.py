@@ -1,5 +1,6 @@
 """Dask-level pipeline: ``preprocess``, ``generate``, ``postprocess`` and ``run_task`` build lazy Dask
-DataFrames from the partition functions; nothing is computed on the driver.
+DataFrames from the partition functions; nothing is computed on the driver. Each checks the
+columns its stages declare (``recipe.stages.contracts``) when the graph is built.
 """
 
 from __future__ import annotations
@@ -8,18 +9,12 @@ import dataclasses
 
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.recipe.presets import TaskPreset, get_preset
+from nemocc_dask.recipe.stages.contracts import (check_contracts, generate_contract,
+                                                 postprocess_contract, preprocess_contract,
+                                                 task_contracts)
 from nemocc_dask.recipe.stages.postprocess import postprocess_partition, resolve_steps
 from nemocc_dask.recipe.stages.preprocess import preprocess_partition
 from nemocc_dask.run.generate import generate_partition
-
-
-def require_columns(columns, needed: dict[str, str]) -> None:
-    """Raise ValueError naming each missing column (by its role) and the columns that exist."""
-    present = list(columns)
-    for role, name in needed.items():
-        if name not in present:
-            raise ValueError(f"{role} column {name!r} not found; the input has columns "
-                             f"{present}. Pass the right name (e.g. --{role}-field / {role}_field=)")
 
 
 def resolve_task(task: str | TaskPreset, text_field: str | None = None,
@@ -40,7 +35,7 @@ def preprocess(ddf, task: str | TaskPreset, *, tokenizer=None, text_field: str |
     plus ``document_token_count``, ``segment_id`` and ``segment_token_count``; one row per
     segment."""
     preset = resolve_task(task, text_field, **overrides)
-    require_columns(ddf.columns, {"text": preset.input_field, "id": id_field})
+    check_contracts(ddf.columns, [preprocess_contract(preset, id_field)])
     kwargs = dict(preset=preset, tokenizer=tokenizer, text_field=preset.input_field,
                   id_field=id_field)
     meta = preprocess_partition(ddf._meta, **kwargs)
@@ -62,7 +57,7 @@ def generate(ddf, task: str | TaskPreset, llm: LLMConfig, *, tokenizer=None,
     cluster the workers share ``llm.max_in_flight`` through the scheduler.
     """
     preset = resolve_task(task, text_field, **overrides)
-    require_columns(ddf.columns, {"text": preset.input_field})
+    check_contracts(ddf.columns, [generate_contract(preset, llm.return_all_choices)])
     kwargs = dict(preset=preset, llm=llm, tokenizer=tokenizer, check_endpoint=check_endpoint)
     meta = generate_partition(ddf._meta, **kwargs)
     if journal_dir is not None:
@@ -80,7 +75,7 @@ def postprocess(ddf, task: str | TaskPreset, *, tokenizer=None, text_field: str 
     documents also ``segments_total``/``segments_kept``); one row per kept result. Rows removed
     by a step are dropped here; ``run_to_parquet`` keeps them as rejects with their reason."""
     preset = resolve_task(task, text_field, **overrides)
-    require_columns(ddf.columns, {"output": preset.output_field, "id": id_field})
+    check_contracts(ddf.columns, [postprocess_contract(preset, id_field)])
     kwargs = dict(preset=preset, tokenizer=tokenizer, id_field=id_field, seed=seed)
     meta = postprocess_partition(ddf._meta, **kwargs)
     return ddf.map_partitions(postprocess_partition, **kwargs, meta=meta)
@@ -94,6 +89,8 @@ def run_task(ddf, task: str | TaskPreset, llm: LLMConfig, *, tokenizer=None,
     (use ``run_to_parquet`` to keep them as rejects). Without ``journal_dir`` each
     compute of the result sends every request again; with it, answers are reused."""
     preset = resolve_task(task, text_field, **overrides)
+    check_contracts(ddf.columns, task_contracts(preset, id_field,
+                                                all_choices=llm.return_all_choices))
     segments = preprocess(ddf, preset, tokenizer=tokenizer, id_field=id_field)
     generated = generate(segments, preset, llm, tokenizer=tokenizer, journal_dir=journal_dir)
     return postprocess(generated, preset, tokenizer=tokenizer, id_field=id_field, seed=seed)

@@ -113,7 +113,8 @@ def run_jobs(data, jobs: list[Job], *, tokenizer: str | None = None, id_field: s
             reports = {job.preset.name: _write_report(job, run.tokenizers[job.preset.name],
                                                       run.n_parts, pending[job.preset.name],
                                                       run.input_rows, time.time() - started,
-                                                      series, served)
+                                                      series, served,
+                                                      run.output_columns[job.preset.name])
                        for job in run.jobs}
             for job in run.jobs:
                 page(job, reports[job.preset.name], progress.samples, final=True)
@@ -146,7 +147,8 @@ def live_report(job: Job, started: float, samples: list[dict]) -> None:
 
 def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: int,
                   seconds: float, series: dict[str, list[dict]],
-                  served: list[dict] | None = None) -> dict:
+                  served: list[dict] | None = None,
+                  output_columns: list[str] | None = None) -> dict:
     """Sum the job's partition stats into ``report.json`` with the per-endpoint ``series``
     (shared by the tasks of a run that use the same endpoint); RunError if the counts do not
     add up."""
@@ -167,6 +169,7 @@ def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: 
     report["request_timeout"] = job.llm.timeout  # "auto": each endpoint's in endpoints[...]
     report["endpoint_series"] = {name: series[name] for name in job.llm.endpoints
                                  if name in series}
+    report["output_columns"] = output_columns  # declared by the stages (stages.contracts)
     report["ledger"] = ledger(report, len(job.llm.endpoints), read_plan(job.out_dir))
     if served is not None:
         report["served"] = {"command": job.llm.serve.command, "servers": served,

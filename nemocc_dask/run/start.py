@@ -24,6 +24,7 @@ from nemocc_dask.llm.preflight import preflight
 from nemocc_dask.llm.served_tokenizer import FORCE as SERVED
 from nemocc_dask.llm.served_tokenizer import find_served_tokenizer
 from nemocc_dask.recipe.presets import TaskPreset
+from nemocc_dask.recipe.stages.contracts import check_contracts, task_contracts
 from nemocc_dask.recipe.stages.route import Route
 from nemocc_dask.recipe.tokenizer import (BUNDLED, load_tokenizer, prompt_overhead_tokens,
                                           tokenizer_name)
@@ -35,7 +36,6 @@ from nemocc_dask.run.inputs import (INPUT_CACHE, checked_input, load_input, read
 from nemocc_dask.run.output_folder import (SERVE_LOGS, OutputLock, check_output,
                                            prepare_output)
 from nemocc_dask.run.partition_job import PartitionPlan
-from nemocc_dask.run.pipeline import require_columns
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,8 @@ def _serve(jobs: list[Job], stack: contextlib.ExitStack):
 class Prepared:
     """A run that passed every start check: the input (``ddf`` and its partition count, rows and
     decided column ``types``), the jobs (with served URLs and context), each job's tokenizer, run
-    identity (``materials``) and folder mode, and the input cache to keep."""
+    identity (``materials``) and folder mode, the input cache to keep, and each task's output
+    columns (``recipe.stages.contracts``)."""
 
     ddf: Any
     n_parts: int
@@ -175,6 +176,7 @@ class Prepared:
     types: dict | None
     cache: dict | None
     served_status: Any
+    output_columns: dict[str, list[str]]  # each task's, from its stages' declared contracts
 
 
 def prepare(data, jobs: list[Job], servers: contextlib.ExitStack, *, tokenizer: str | None,
@@ -194,11 +196,11 @@ def prepare(data, jobs: list[Job], servers: contextlib.ExitStack, *, tokenizer: 
             inputs = dict(inputs, casts=casts)
         if gpu:
             require_gpu()
+        output_columns: dict[str, list[str]] = {}
         for job in jobs:
-            needed = {"id": id_field, "text": job.preset.input_field}
-            if job.route is not None:
-                needed["quality"] = job.route.field
-            require_columns(ddf.columns, needed)
+            output_columns[job.preset.name] = check_contracts(
+                ddf.columns, task_contracts(job.preset, id_field, job.route,
+                                            job.llm.return_all_choices))
             input_types.require_text(stored_type(pieces, ddf, job.preset.input_field),
                                      job.preset.input_field)
         for job in jobs:  # before any server starts: is the folder free and this run's?
@@ -230,7 +232,7 @@ def prepare(data, jobs: list[Job], servers: contextlib.ExitStack, *, tokenizer: 
                     "output %s", job.preset.name, n_parts, ", ".join(job.llm.endpoints),
                     job.llm.model, tokenizer_name(tokenizers[job.preset.name]), job.out_dir)
     return Prepared(ddf, n_parts, jobs, tokenizers, materials, modes, input_rows, types, cache,
-                    served_status)
+                    served_status, output_columns)
 
 
 @contextlib.contextmanager

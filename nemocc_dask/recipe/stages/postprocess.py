@@ -170,13 +170,17 @@ class Step:
     """A built-in step: its function, the reason given to the rows it removes (None: merges),
     the ``detail`` of each removed row (a fixed text or a function of the removed rows), what
     it adds to every row before deciding (``annotate``, so rejects carry it too), and, where
-    rows removed by one step have different reasons, each row's (``reasons``)."""
+    rows removed by one step have different reasons, each row's (``reasons``). ``reads`` and
+    ``writes``: the columns it needs and adds (``{input}``, ``{id}`` stand for the task's input
+    field and the id field; see ``stages.contracts``)."""
 
     fn: Callable
     reason: str | None
     detail: str | Callable = ""
     annotate: Callable | None = None
     reasons: Callable | None = None
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
 
 
 POSTPROCESS_STEPS: dict[str, Step] = {
@@ -185,7 +189,7 @@ POSTPROCESS_STEPS: dict[str, Step] = {
                            "finish_reason is 'length': the answer hit max_tokens"),
     "drop_too_long": Step(_drop_too_long, "too_long", _detail_count(
         RESPONSE_TOKENS, ">", lambda p: p.effective_postprocess_max_tokens),
-        annotate=_count_response_tokens),
+        annotate=_count_response_tokens, writes=(RESPONSE_TOKENS,)),
     "remove_markdown": Step(lambda df, ctx: _modify(df, ctx, text.remove_markdown), "empty"),
     "require_prefix": Step(_require_prefix, "missing_prefix", _detail_prefix),
     "slice_after_prefix": Step(_slice_after_prefix, "missing_prefix", _detail_prefix),
@@ -193,14 +197,17 @@ POSTPROCESS_STEPS: dict[str, Step] = {
     "remove_lines": Step(lambda df, ctx: _modify(
         df, ctx, lambda s: text.remove_lines(s, ctx.preset.lines_to_remove)), "empty"),
     "format_diverse_qa": Step(_format_diverse_qa, "empty_parse",
-                              "no 'Question: ... Answer: ...' pair could be parsed"),
+                              "no 'Question: ... Answer: ...' pair could be parsed",
+                              reads=("{input}", "{id}", "segment_id")),
     "format_knowledge_list": Step(lambda df, ctx: _modify(df, ctx, text.format_knowledge_list),
                                   "empty_parse"),
     "drop_incomplete_documents": Step(_drop_incomplete_documents, "incomplete_document",
-                                      _detail_incomplete),
-    "join_segments": Step(_join_segments, None),
+                                      _detail_incomplete, reads=("{id}",)),
+    "join_segments": Step(_join_segments, None, reads=("{id}", "segment_id"),
+                          writes=(SEGMENTS_KEPT, SEGMENTS_TOTAL)),
     "drop_too_short": Step(_drop_too_short, "too_short", _detail_count(
-        OUTPUT_TOKENS, "<", lambda p: p.postprocess_min_tokens), annotate=_count_output_tokens),
+        OUTPUT_TOKENS, "<", lambda p: p.postprocess_min_tokens), annotate=_count_output_tokens,
+        writes=(OUTPUT_TOKENS,)),
 }
 
 
