@@ -175,6 +175,8 @@ def process_partition(df, index: int, plan: PartitionPlan, redo: bool = False) -
                          plan.input_types)
     atomic_write_parquet(kept, part_path(out, index), plan.input_types)
     stats["part_bytes"], stats["part_sha256"] = file_digest(part_path(out, index))
-    atomic_write_bytes(stats_path(out, index), json.dumps(stats, indent=1).encode())  # last
+    # compacted before the stats mark the partition finished: a crash between the two redoes
+    # it from the compacted journal (unpaid), and a finished partition never keeps chunks
     Journal(journal_path(out, index)).compact()  # a damaged part is redone from it, unpaid
+    atomic_write_bytes(stats_path(out, index), json.dumps(stats, indent=1).encode())  # last
     return stats
