@@ -38,6 +38,7 @@ from nemocc_dask.run.cluster import make_client, parse_adapt
 from nemocc_dask.run.plan import PROBE_REQUESTS, SAMPLE_DOCUMENTS
 from nemocc_dask.run.report import combine, render_table
 from nemocc_dask.run.start import start_checks
+from nemocc_dask.serve.process import ServeSpec
 
 
 def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
@@ -51,17 +52,7 @@ def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
                              "'vllm serve /models/llama --host {host} --port {port}', or "
                              "a preset vllm:MODEL, sglang:MODEL, llamacpp:MODEL.gguf, followed by "
                              "extra arguments if any ('vllm:/models/llama --max-num-seqs 512')")
-    served.add_argument("--serve-health",
-                        help="health path (default: /v1/models; presets /health)")
-    served.add_argument("--serve-startup-timeout", type=float, default=600.0,
-                        help="seconds a server may take to become healthy (default 600)")
-    served.add_argument("--serve-per", choices=["worker", "gpu", "node"], default="worker",
-                        help="one server per worker, per GPU of the worker, or per node "
-                             "shared by its workers (default worker)")
-    served.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment of the server processes (repeatable)")
-    served.add_argument("--serve-max-restarts", type=int, default=3,
-                        help="restarts of a server that exits or stops answering (default 3)")
+    add_field_options(served, ServeSpec, skip=SERVE_SKIPPED, prefix="serve-")
     task = p.add_argument_group("task settings (each defaults to the task's own value: "
                                 "`nemocc-dask presets`; TaskPreset)")
     add_field_options(task, TaskPreset, skip=TASK_SKIPPED, rename=TASK_RENAMED,
@@ -72,6 +63,7 @@ LLM_SKIPPED = ("api_key", "client_factory", "serve")  # a secret; Python objects
 TASK_SKIPPED = ("name", "prompt_template", "output_field",  # the task itself (--prompt-file)
                 "input_field")  # --text-field
 TASK_RENAMED = {"seed": "--generation-seed"}  # --seed is the run's sampling seed
+SERVE_SKIPPED = ("command", "model", "backend")  # --serve gives them
 
 
 def _add_run_options(p: argparse.ArgumentParser, planning: bool = False) -> None:
@@ -164,22 +156,8 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_from_args(args):
-    """The ServeSpec of --serve and its options, or None."""
-    if not args.serve:
-        return None
-    from nemocc_dask.serve import ServeSpec
-
-    env = {}
-    for item in args.serve_env:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--serve-env takes KEY=VALUE (got {item!r})")
-        env[key] = value
-    options = {"startup_timeout": args.serve_startup_timeout, "per": args.serve_per,
-               "env": env, "max_restarts": args.serve_max_restarts}
-    if args.serve_health:
-        options["health"] = args.serve_health
-    return ServeSpec.parse(args.serve, **options)
+    """The ServeSpec of --serve and its --serve-* options, or None."""
+    return ServeSpec.parse(args.serve, **given(args, ServeSpec)) if args.serve else None
 
 
 def _llm_from_args(args) -> LLMConfig:

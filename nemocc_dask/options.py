@@ -1,8 +1,9 @@
-"""Command-line options built from the config dataclasses (``LLMConfig``, ``TaskPreset``): one
-option per field, named after it (``max_in_flight`` -> ``--max-in-flight``), its type from the
-annotation, its help from the class docstring's ``Parameters`` section and its default from the
-field, so that a setting is declared once and every setting a user can set in Python can be set
-on the command line. An option not given is not passed: the dataclass default applies.
+"""Command-line options built from the config dataclasses (``LLMConfig``, ``TaskPreset``,
+``ServeSpec``): one option per field, named after it (``max_in_flight`` -> ``--max-in-flight``),
+its type from the annotation, its help from the class docstring's ``Parameters`` section and its
+default from the field, so that a setting is declared once and every setting a user can set in
+Python can be set on the command line. An option not given is not passed: the dataclass default
+applies.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ def _json_object(value: str) -> dict:
     return parsed
 
 
+class _KeyValues(argparse.Action):
+    """``--option KEY=VALUE``, repeatable, gathered into a dict."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            parser.error(f"{option_string} takes KEY=VALUE (got {value!r})")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), key: val})
+
+
 def _is_sequence(hint) -> bool:
     return typing.get_origin(hint) in (tuple, list, collections.abc.Sequence)
 
@@ -68,6 +79,10 @@ def _kind(hint) -> dict[str, Any] | None:
         return {"action": argparse.BooleanOptionalAction}
     if _is_sequence(hint) or any(_is_sequence(a) for a in args):
         return {"action": "append", "type": str}  # repeat the option for several values
+    if typing.get_origin(hint) is typing.Literal:
+        return {"choices": list(typing.get_args(hint))}
+    if typing.get_origin(hint) is dict and typing.get_args(hint) == (str, str):
+        return {"action": _KeyValues, "metavar": "KEY=VALUE"}
     if hint is dict or typing.get_origin(hint) is dict:
         return {"type": _json_object, "metavar": "JSON"}
     if args == {int, str}:
@@ -81,11 +96,11 @@ def _kind(hint) -> dict[str, Any] | None:
 
 
 def add_field_options(group, cls, skip=(), rename: dict[str, str] | None = None,
-                      show_defaults: bool = True) -> list[str]:
+                      show_defaults: bool = True, prefix: str = "") -> list[str]:
     """Add one option per field of ``cls`` (but ``skip``) to ``group``; ``rename``: field ->
     option name where the plain one is taken; ``show_defaults``: say the field's default in the
-    help (not for fields whose default is another object's, e.g. each task's). Returns the
-    fields added."""
+    help (not for fields whose default is another object's, e.g. each task's); ``prefix``:
+    before every option's name (``serve-``). Returns the fields added."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     added = []
@@ -99,8 +114,8 @@ def add_field_options(group, cls, skip=(), rename: dict[str, str] | None = None,
         if show_defaults and default not in (None, (), {}, "") \
                 and "default" not in text.lower():
             text += f" (default: {default})"
-        option = (rename or {}).get(f.name, "--" + f.name.replace("_", "-"))
-        if "action" not in kind or kind["action"] == "append":
+        option = (rename or {}).get(f.name, f"--{prefix}{f.name.replace('_', '-')}")
+        if ("action" not in kind or kind["action"] == "append") and "choices" not in kind:
             kind.setdefault("metavar", f.name.upper())
         group.add_argument(option, dest=f"field_{cls.__name__}_{f.name}", default=None,
                            help=text.replace("%", "%%"), **kind)

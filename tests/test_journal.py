@@ -43,3 +43,24 @@ def test_an_unreadable_journal_names_itself(tmp_path):
         generate_partition(make_docs(2), PRESETS["distill"],
                            LLMConfig(base_url=server.base_url, model="mock"),
                            journal_path=str(journal))
+
+
+def test_compaction_keeps_every_record_on_a_line_of_its_own(tmp_path):
+    """A finished partition's journal becomes one gzip file of one record per line (no blank
+    lines), the live file goes, and compacting again (a redo) changes nothing."""
+    import gzip
+
+    from nemocc_dask.run.generate import Journal
+
+    journal = Journal(tmp_path / "part-00000.jsonl")
+    sink = journal.open()
+    for i in range(4):
+        sink.write(f'{{"key": "k{i}", "text": "a{i}"}}\n')
+    sink.close()
+    records = journal.load()
+    journal.compact()
+    lines = gzip.decompress(journal.compacted.read_bytes()).split(b"\n")
+    assert lines[-1] == b"" and all(lines[:-1]) and len(lines) == 5
+    assert not journal.path.exists() and Journal(journal.path).load() == records
+    journal.compact()
+    assert gzip.decompress(journal.compacted.read_bytes()).split(b"\n") == lines

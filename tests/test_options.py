@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 
 from nemocc_dask import LLMConfig, TaskPreset
-from nemocc_dask.cli import (LLM_SKIPPED, TASK_RENAMED, TASK_SKIPPED, _llm_from_args,
-                             _task_overrides, build_parser)
+from nemocc_dask.cli import (LLM_SKIPPED, SERVE_SKIPPED, TASK_RENAMED, TASK_SKIPPED,
+                             _llm_from_args, _task_overrides, build_parser)
 from nemocc_dask.options import field_docs
+from nemocc_dask.serve import ServeSpec
 
 
 def _options(command: str) -> dict[str, str]:
@@ -22,13 +23,14 @@ def _options(command: str) -> dict[str, str]:
 @pytest.mark.parametrize("command", ["run", "nemotron-cc", "plan"])
 def test_every_setting_is_an_option_with_its_docs(command):
     options = _options(command)
-    for cls, skipped in ((LLMConfig, LLM_SKIPPED), (TaskPreset, TASK_SKIPPED)):
+    for cls, skipped, prefix in ((LLMConfig, LLM_SKIPPED, ""), (TaskPreset, TASK_SKIPPED, ""),
+                                 (ServeSpec, SERVE_SKIPPED, "serve-")):
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             if f.name in skipped:
                 continue
-            option = TASK_RENAMED.get(f.name, "--" + f.name.replace("_", "-")) \
-                if cls is TaskPreset else "--" + f.name.replace("_", "-")
+            option = TASK_RENAMED.get(f.name, f"--{prefix}{f.name.replace('_', '-')}") \
+                if cls is TaskPreset else f"--{prefix}{f.name.replace('_', '-')}"
             assert option in options, f"{cls.__name__}.{f.name} has no {option}"
             assert docs.get(f.name), f"{cls.__name__}.{f.name} is not documented"
             assert docs[f.name].replace("``", "")[:30] in options[option].replace("\n", " ")
@@ -37,6 +39,24 @@ def test_every_setting_is_an_option_with_its_docs(command):
 def test_the_skipped_fields_are_the_ones_a_command_line_cannot_hold():
     assert set(LLM_SKIPPED) == {"api_key", "client_factory", "serve"}  # a secret, objects
     assert set(TASK_SKIPPED) == {"name", "prompt_template", "output_field", "input_field"}
+    assert set(SERVE_SKIPPED) == {"command", "model", "backend"}  # --serve gives them
+
+
+def test_serve_options_reach_the_served_models_spec():
+    args = build_parser().parse_args([
+        "run", "--task", "distill", "--input", "x", "--output", "y", "--model", "m",
+        "--serve", "llamacpp:/models/m.gguf -c 8192", "--serve-per", "node", "--serve-env",
+        "A=1", "--serve-env", "B=x=y", "--serve-max-restarts", "0",
+        "--serve-startup-timeout", "30"])
+    spec = _llm_from_args(args).serve
+    assert (spec.backend, spec.model, spec.per, spec.max_restarts, spec.startup_timeout) == (
+        "llamacpp", "/models/m.gguf", "node", 0, 30.0)
+    assert spec.env == {"A": "1", "B": "x=y"} and spec.health == "/health"
+    assert spec.command.endswith("-c 8192") and spec.log_dir is None  # not given: the default
+    plain = _llm_from_args(build_parser().parse_args([
+        "run", "--task", "distill", "--input", "x", "--output", "y", "--model", "m",
+        "--serve", "my-server --port {port}"])).serve
+    assert plain == ServeSpec("my-server --port {port}")
 
 
 def test_given_options_reach_the_objects_and_nothing_else_does():

@@ -72,6 +72,73 @@ def test_presets_expand_to_a_command_health_path_and_model():
         ServeSpec("vllm serve /models/llama")
 
 
+def test_every_backend_is_one_class_behind_one_interface():
+    """Issue 25: each server program says its command, health path and context option in one
+    class; a spec made from a preset carries its backend, a command template is ``command``."""
+    from nemocc_dask.serve.backends import BACKENDS, Backend, backend
+
+    assert set(BACKENDS) == {"vllm", "sglang", "llamacpp"}
+    for name, program in BACKENDS.items():
+        assert isinstance(program, Backend) and program.name == name
+        spec = ServeSpec.parse(f"{name}:/models/m --extra 1")
+        assert (spec.backend, spec.health, spec.model) == (name, program.health, "/models/m")
+        assert "{port}" in spec.command and spec.command.endswith("--extra 1")
+        assert program.context_option and f"{program.context_option} 4096" in \
+            program.context_hint(4096)
+    own = ServeSpec("my-server --port {port}")
+    assert (own.backend, own.health) == ("command", "/v1/models")
+    hint = backend(own.backend).context_hint(4096)  # a template: every program's option
+    assert all(f"{b.context_option} 4096" in hint for b in BACKENDS.values())
+    assert ServeSpec.parse("vllm:/m", health="/ready").health == "/ready"
+
+
+class _Lifecycle:
+    """A stand-in lifecycle for the shared loop: down for ``down_for`` checks, may restart
+    ``may`` times."""
+
+    url = "http://127.0.0.1:1/v1"
+
+    def __init__(self, down_for: int, may: int):
+        self.down_for, self.may, self.calls = down_for, may, []
+
+    async def down(self):
+        self.calls.append("down")
+        self.down_for -= 1
+        return "exited" if self.down_for >= 0 else None
+
+    async def restart(self, why):
+        self.calls.append(f"restart:{why}")
+        self.may -= 1
+        return self.may >= 0
+
+    async def wait_healthy(self):
+        self.calls.append("wait")
+        raise ServeError("did not come up")  # left to the next check
+
+
+def test_the_shared_loop_restarts_what_is_down_only_when_its_lifecycle_may():
+    import asyncio
+
+    from nemocc_dask.serve.supervision import supervise_once
+
+    up, restartable, spent = _Lifecycle(0, 1), _Lifecycle(2, 1), _Lifecycle(1, 0)
+    for server in (up, restartable, spent):
+        for _ in range(2):
+            asyncio.run(supervise_once(server))
+    assert up.calls == ["down", "down"]
+    assert restartable.calls == ["down", "restart:exited", "wait", "down", "restart:exited"]
+    assert spent.calls == ["down", "restart:exited", "down"]
+
+
+def test_health_watch_calls_a_server_down_after_failures_in_a_row(nemocc_config):
+    from nemocc_dask.serve.supervision import HealthWatch
+
+    nemocc_config({"serve.health-failures-before-restart": 3})
+    watch = HealthWatch()
+    assert [watch.saw(ok) for ok in (False, False, True, False, False, False)] == \
+        [False, False, False, False, False, True]
+
+
 @pytest.mark.slow
 def test_each_worker_serves_and_uses_its_own_server_and_none_is_left(tmp_path, cluster_client):
     path = tmp_path / "docs.parquet"
@@ -295,6 +362,7 @@ def test_a_node_server_outlives_the_worker_that_started_it_while_others_use_it(t
     import asyncio
 
     from nemocc_dask.serve.node import NodeServer, meeting_folder
+    from nemocc_dask.serve.supervision import supervise_once
 
     spec = ServeSpec(MOCK, startup_timeout=60, per="node", max_restarts=0)
     folder = meeting_folder(f"tcp://test-{uuid.uuid4().hex}", spec)
@@ -310,8 +378,8 @@ def test_a_node_server_outlives_the_worker_that_started_it_while_others_use_it(t
         assert _alive(pid) and second.status()["workers"] == 1
         os.kill(pid, signal.SIGKILL)
         while second.status()["pids"] == [pid]:
-            await second.supervise_once()
-        await second.supervise_once()
+            await supervise_once(second)
+        await supervise_once(second)
         assert second._healthy() and second.status()["restarts"] == 0
         return second.status()["pids"]
 
@@ -329,6 +397,7 @@ def test_node_server_supervision_never_blocks_the_workers_event_loop(tmp_path):
     import fcntl
 
     from nemocc_dask.serve.node import NodeServer, meeting_folder
+    from nemocc_dask.serve.supervision import supervise_once
 
     spec = ServeSpec(MOCK, startup_timeout=60, per="node")
     folder = meeting_folder(f"tcp://test-{uuid.uuid4().hex}", spec)
@@ -356,7 +425,7 @@ def test_node_server_supervision_never_blocks_the_workers_event_loop(tmp_path):
                 last = time.monotonic()
 
         ticking = asyncio.ensure_future(ticker())
-        await worker.supervise_once()
+        await supervise_once(worker)
         ticking.cancel()
         holder.join()
         return pid, max(gaps), worker.status()["pids"]

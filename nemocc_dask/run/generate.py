@@ -113,7 +113,7 @@ class Journal:
     def compact(self) -> None:
         """Keep a finished partition's answers as one gzip file (``<name>.gz``), so that a part
         found damaged or missing later is redone without paying again; the live journal goes."""
-        lines = list(self._lines())
+        lines = [line.rstrip(b"\r\n") for line in self._lines() if line.strip()]
         if lines:
             data = gzip.compress(b"\n".join(lines) + b"\n", mtime=0)
             atomic_write_bytes(self.compacted, data)

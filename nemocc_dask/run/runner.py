@@ -172,7 +172,8 @@ def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: 
     report["output_columns"] = output_columns  # declared by the stages (stages.contracts)
     report["ledger"] = ledger(report, len(job.llm.endpoints), read_plan(job.out_dir))
     if served is not None:
-        report["served"] = {"command": job.llm.serve.command, "servers": served,
+        report["served"] = {"command": job.llm.serve.command,
+                            "backend": job.llm.serve.backend, "servers": served,
                             "restarts": sum(s["restarts"] for s in served)}
     io.atomic_write_bytes(job.out_dir / "report.json", json.dumps(report, indent=1).encode())
     if not report["accounted"]:

@@ -36,6 +36,7 @@ from nemocc_dask.run.inputs import (INPUT_CACHE, checked_input, load_input, read
 from nemocc_dask.run.output_folder import (SERVE_LOGS, OutputLock, check_output,
                                            prepare_output)
 from nemocc_dask.run.partition_job import PartitionPlan
+from nemocc_dask.serve.backends import backend
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +85,9 @@ def _with_served_context(job: Job, context: int | None) -> Job:
     if limit < job.preset.max_input_tokens and job.llm.serve is not None:
         raise ConfigError(f"task {job.preset.name} needs a context of {needed} tokens per "
                           f"request (max input {job.preset.max_input_tokens} + max_tokens "
-                          f"{max_tokens}), but the model this run serves has {context}: give it "
-                          f"a larger one in --serve (llama.cpp: -c {needed} or more; vLLM: "
-                          f"--max-model-len {needed}) or lower the task's max_input_tokens / "
-                          "--max-tokens")
+                          f"{max_tokens}), but the model this run serves has {context}: "
+                          f"{backend(job.llm.serve.backend).context_hint(needed)}, or lower the "
+                          "task's max_input_tokens / --max-tokens")
     if limit < job.preset.max_input_tokens:
         logger.warning("task %s needs a context of %d tokens (max input %d + max output) but the "
                        "model is served with %d: prompts over %d tokens are not sent "

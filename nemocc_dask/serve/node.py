@@ -28,9 +28,9 @@ import threading
 import time
 from pathlib import Path
 
-from nemocc_dask.config import setting
-from nemocc_dask.serve.process import (ServedProcess, ServeError, ServeSpec, alive, health_ok,
-                                       kill_group, wait_for_health)
+from nemocc_dask.serve.process import (ServedProcess, ServeSpec, alive, health_ok, kill_group,
+                                       wait_for_health)
+from nemocc_dask.serve.supervision import HealthWatch
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class NodeServer:
                                                                        log_path, user)
         self.state: dict = {}
         self.process: ServedProcess | None = None  # when this worker started the current one
-        self.health_failures = 0
+        self.watch = HealthWatch()
 
     @property
     def url(self) -> str:
@@ -140,9 +140,9 @@ class NodeServer:
             state["users"].append(self.user)
             self._write(state)
         self.state = state
-        await self._wait_up()
+        await self.wait_healthy()
 
-    async def _wait_up(self) -> None:
+    async def wait_healthy(self) -> None:
         """Until the current generation answers; ServeError if it exits or does not answer in
         time (the starter then marks it up for the other users)."""
         if self.process is not None and self.process.proc.pid == self.state["pid"]:
@@ -169,37 +169,40 @@ class NodeServer:
     def _starting(self, state: dict) -> bool:
         return not state["up"] and time.time() - state["started"] < self.spec.startup_timeout
 
-    async def supervise_once(self) -> None:
-        """Restart the node's server if it is down and nobody has yet (at most max_restarts
-        times, not counting a restart after its starting worker left). The worker's event loop
-        never waits here: the lock and the kill are waited for on a thread."""
+    async def down(self) -> str | None:
+        """Why the node's server is down (exited, or stopped answering while not starting), or
+        None; a generation started by another worker is adopted. The worker's event loop never
+        waits here: health checks run on a thread."""
         if self.process is not None:
             self.process.proc.poll()  # reap it if it exited
         state = self._read() or self.state
         if state["generation"] != self.state["generation"]:
-            self.state, self.health_failures = state, 0
-        if alive(state["pid"]):
-            ok = await asyncio.get_running_loop().run_in_executor(None, self._healthy)
-            self.health_failures = 0 if ok or self._starting(state) else self.health_failures + 1
-            if self.health_failures < setting("serve.health-failures-before-restart"):
-                return
+            self.state = state
+            self.watch.reset()
+        if not alive(state["pid"]):
+            return "exited"
+        ok = await _off_loop(self._healthy)
+        return "stopped answering" if self.watch.saw(ok or self._starting(state)) else None
+
+    async def restart(self, why: str) -> bool:
+        """Restart the node's server unless another worker already has (once, under the node's
+        lock, waited for on a thread), within max_restarts (a restart after its starting
+        worker left is not counted)."""
         async with self._locked_async():
             state = self._read() or self.state
             if state["generation"] != self.state["generation"]:
                 self.state = state  # another worker restarted it
-                return
+                return False
             orphaned = state["owner"] not in state["users"]
             if state["restarts"] >= self.spec.max_restarts and not orphaned:
-                return
+                return False
             logger.warning("the node's served model at %s %s; restarting it", self.url,
-                           "left with the worker that started it" if orphaned
-                           else "is down or not answering")
+                           "left with the worker that started it" if orphaned else why)
             if alive(state["pid"]):
                 await _off_loop(kill_group, state["pid"])
             self.state = self._start(state, counted=not orphaned)
-        self.health_failures = 0
-        with contextlib.suppress(ServeError):
-            await self._wait_up()
+        self.watch.reset()
+        return True
 
     def leave(self) -> None:
         """Leave the node's server; the last worker to leave stops it."""

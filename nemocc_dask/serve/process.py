@@ -1,5 +1,6 @@
-"""One inference server process: its spec (a command template or a preset), start in its own
-process group with its output in a log file, health, restart, stop.
+"""One inference server process: its spec (a command template or a backend's preset), start in
+its own process group with its output in a log file, health, restart, stop. Its supervision is
+the shared loop of ``nemocc_dask.serve.supervision``.
 
 Nothing of vLLM/SGLang/llama.cpp is imported: they are processes.
 """
@@ -21,44 +22,59 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from nemocc_dask.config import setting
-from nemocc_dask.errors import StartError
+from nemocc_dask.serve.backends import BACKENDS, backend
+from nemocc_dask.serve.supervision import HealthWatch, ServeError
 
 logger = logging.getLogger(__name__)
 
-PRESETS = {  # name -> (command with {model}, health path); with the /metrics the controller reads
-    "vllm": ("vllm serve {model} --host {host} --port {port}", "/health"),
-    "sglang": ("python -m sglang.launch_server --model-path {model} --host {host} --port {port} "
-               "--enable-metrics", "/health"),
-    # llama.cpp's default threads busy-poll every core (1.8 vs 65 tokens/s on 2 shared cores):
-    # no polling, and as many threads as the worker's CPU share ({threads})
-    "llamacpp": ("llama-server -m {model} --host {host} --port {port} --metrics --poll 0 "
-                 "--threads {threads} --threads-batch {threads}", "/health"),
-}
 SERVE_PER = ("worker", "gpu", "node")
 SERVE_LOGS = "serve-logs"  # the servers' logs, in the run's output folder
 LOG_TAIL_LINES = 20
 
 
-class ServeError(StartError):
-    """A served model could not be started; the message has its log's last lines."""
-
-
 @dataclass(frozen=True)
 class ServeSpec:
-    """How to start one inference server. ``per``: one per worker; one per GPU of the worker
-    (``CUDA_VISIBLE_DEVICES`` set to it; a dask-cuda worker's own GPU only); or one per node,
-    shared by the node's workers (it sees every GPU the workers see)."""
+    """How to start the inference servers of a run (``LLMConfig(serve=...)``; ``--serve`` and
+    the ``--serve-*`` options on the command line). ``ServeSpec.parse`` reads a preset
+    (``vllm:MODEL``) or a command template.
+
+    Parameters
+    ----------
+    command:
+        The server's command, with ``{port}`` (required), ``{host}``, ``{gpu}`` and ``{threads}``
+        (the CPU cores it may use) filled on the worker.
+    health:
+        Path that answers 2xx once the model is loaded (default: the backend's; /v1/models for a
+        command template).
+    startup_timeout:
+        Seconds a server may take to become healthy.
+    per:
+        One server per worker, per GPU of the worker (CUDA_VISIBLE_DEVICES set to it; a dask-cuda
+        worker's own GPU only), or per node, shared by its workers (it sees every GPU they see).
+    env:
+        Environment of the server processes (KEY=VALUE, repeatable).
+    max_restarts:
+        Restarts of a server that exits or stops answering.
+    log_dir:
+        Folder of the servers' logs (the run sets OUTPUT/serve-logs).
+    model:
+        The model a preset names (the run's default --model).
+    backend:
+        The server program (``nemocc_dask.serve.backends``): vllm, sglang, llamacpp, or command.
+    """
 
     command: str
-    health: str = "/v1/models"
+    health: str | None = None
     startup_timeout: float = 600.0
-    per: str = "worker"
-    env: dict = field(default_factory=dict)
+    per: Literal["worker", "gpu", "node"] = "worker"
+    env: dict[str, str] = field(default_factory=dict)
     max_restarts: int = 3
     log_dir: str | None = None
-    model: str | None = None  # the model a preset names (the default --model)
+    model: str | None = None
+    backend: str = "command"
 
     def __post_init__(self) -> None:
         if self.per not in SERVE_PER:
@@ -67,20 +83,19 @@ class ServeSpec:
         if "{port}" not in self.command:
             raise ValueError("the serve command must contain {port} (the server's port): "
                              f"{self.command!r}")
+        if self.health is None:
+            object.__setattr__(self, "health", backend(self.backend).health)
 
     @classmethod
     def parse(cls, text: str, **options) -> "ServeSpec":
-        """A command template, or ``PRESET:MODEL [ARGS...]`` (vllm, sglang, llamacpp; ARGS are
-        added to the preset's command, a MODEL with spaces is quoted)."""
+        """A command template, or ``PRESET:MODEL [ARGS...]`` (``BACKENDS``: vllm, sglang,
+        llamacpp; ARGS are added to the preset's command, a MODEL with spaces is quoted)."""
         name, _, rest = text.partition(":")
-        words = shlex.split(rest) if name in PRESETS else []
+        words = shlex.split(rest) if name in BACKENDS else []
         if not words:
             return cls(text, **options)
-        command, health = PRESETS[name]
-        options.setdefault("health", health)
-        model, extra = words[0], " ".join(shlex.quote(w) for w in words[1:])
-        command = command.replace("{model}", shlex.quote(model))
-        return cls(f"{command} {extra}".rstrip(), model=model, **options)
+        return cls(BACKENDS[name].command(words[0], words[1:]), model=words[0], backend=name,
+                   **options)
 
     def argv(self, host: str, port: int, gpu: str, threads: int = 1) -> list[str]:
         """The command with ``{host}``, ``{port}``, ``{gpu}`` and ``{threads}`` (the CPU cores
@@ -172,7 +187,7 @@ class ServedProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
-        self.health_failures = 0  # failed health checks in a row since the last start
+        self.watch = HealthWatch()
         self.pids: list[int] = []
 
     @property
@@ -197,7 +212,7 @@ class ServedProcess:
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True)
         self.pids.append(self.proc.pid)
-        self.health_failures = 0
+        self.watch.reset()
 
     def healthy(self) -> bool:
         return health_ok(self.host, self.port, self.spec.health)
@@ -216,39 +231,31 @@ class ServedProcess:
             self.stop()
             raise
 
-    async def supervise_once(self) -> None:
-        """Restart the server if it exited or stopped answering (at most max_restarts times;
-        then it is left down and the pool's failure budget stops the run if it must)."""
-        loop = asyncio.get_running_loop()
-        exited = self.proc.poll() is not None
-        if not exited:
-            ok = await loop.run_in_executor(None, self.healthy)
-            self.health_failures = 0 if ok else self.health_failures + 1
-        if not (exited or self.health_failures >= setting("serve.health-failures-before-restart")):
-            return
+    async def down(self) -> str | None:
+        """Why the server is down (it exited, or stopped answering), or None."""
+        if self.proc.poll() is not None:
+            return "exited"
+        ok = await asyncio.get_running_loop().run_in_executor(None, self.healthy)
+        return "stopped answering" if self.watch.saw(ok) else None
+
+    async def restart(self, why: str) -> bool:
+        """Stop and start it again, unless it was restarted ``max_restarts`` times already
+        (then it is left down and the pool's failure budget stops the run if it must)."""
         if self.restarts >= self.spec.max_restarts:
-            return
-        logger.warning("served model at %s %s; restarting it (%d of %d)", self.url,
-                       "exited" if exited else "stopped answering", self.restarts + 1,
-                       self.spec.max_restarts)
-        await loop.run_in_executor(None, self.stop)
+            return False
+        logger.warning("served model at %s %s; restarting it (%d of %d)", self.url, why,
+                       self.restarts + 1, self.spec.max_restarts)
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
         self.restarts += 1
         self.start()
-        with contextlib.suppress(ServeError):
-            await self.wait_healthy()
+        return True
 
     def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL it after nemocc.serve.stop-grace-seconds."""
+        """Stop its process group (``kill_group``) and reap it."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(setting("serve.stop-grace-seconds"))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        kill_group(self.proc.pid)
+        self.proc.wait()
 
     def leave(self) -> None:
         self.stop()

@@ -2,10 +2,12 @@
 (or GPU, or node), feed it, and stop it.
 
 ``ServeSpec`` (``nemocc_dask.serve.process``) is a command template (``{host}``, ``{port}``,
-``{gpu}``) or a preset (``vllm:/models/llama``, ``sglang:...``, ``llamacpp:model.gguf``).
+``{gpu}``) or a backend's preset (``vllm:/models/llama``, ``sglang:...``, ``llamacpp:model.gguf``:
+``nemocc_dask.serve.backends``).
 ``ServePlugin`` (a ``distributed`` worker plugin, so workers that join later get their servers
-too) starts the server(s) of each worker, waits until they answer, watches them (restart on exit
-or when they stop answering, at most ``max_restarts`` times) and stops them when the worker
+too) starts the server(s) of each worker, waits until they answer, watches them (the shared loop
+of ``nemocc_dask.serve.supervision``: restart on exit or when they stop answering, at most
+``max_restarts`` times) and stops them when the worker
 closes or the run ends. With ``per="node"`` the workers of a node share one server
 (``nemocc_dask.serve.node``). A worker's pool sends to its own servers (``local_urls``); the run's
 ``LLMConfig`` lists every server for the start-up check.
@@ -29,7 +31,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from nemocc_dask.config import setting
 from nemocc_dask.serve.node import NodeServer, meeting_folder
-from nemocc_dask.serve.process import SERVE_LOGS, ServedProcess, ServeError, ServeSpec
+from nemocc_dask.serve.process import SERVE_LOGS, ServedProcess, ServeSpec
+from nemocc_dask.serve.supervision import ServeError, supervise
 
 __all__ = ["ServeError", "ServeSpec", "ServePlugin", "local_urls", "served_status", "serving"]
 
@@ -94,13 +97,7 @@ class ServePlugin(WorkerPlugin):
         except BaseException:
             self.teardown(worker)
             raise
-        self._supervisor = asyncio.ensure_future(self._supervise())
-
-    async def _supervise(self) -> None:
-        while True:
-            await asyncio.sleep(setting("serve.health-poll-seconds"))
-            for server in self.servers:
-                await server.supervise_once()
+        self._supervisor = asyncio.ensure_future(supervise(self.servers))
 
     def teardown(self, worker) -> None:
         if self._supervisor is not None:
