@@ -28,12 +28,12 @@ from pathlib import Path
 import dask.config
 
 from nemocc_dask import io
+from nemocc_dask.config import setting
 from nemocc_dask.errors import ConfigError, Preempted, StartError
 from nemocc_dask.io.gpu import require_gpu
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.options import add_field_options, given
-from nemocc_dask.recipe.presets import (HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS, PRESETS,
-                                        TaskPreset)
+from nemocc_dask.recipe.presets import HIGH_QUALITY_TASKS, LOW_QUALITY_TASKS, PRESETS, TaskPreset
 from nemocc_dask.run.cluster import make_client, parse_adapt
 from nemocc_dask.run.plan import PROBE_REQUESTS, SAMPLE_DOCUMENTS
 from nemocc_dask.run.report import combine, render_table
@@ -186,7 +186,7 @@ def _client(args):
             cluster = "local-cuda"
     if args.adapt:
         parse_adapt(args.adapt)
-        if (cluster or dask.config.get("nemocc.cluster")) != "slurm" or args.scheduler \
+        if (cluster or setting("cluster")) != "slurm" or args.scheduler \
                 or args.scheduler_file:
             raise ConfigError("--adapt scales SLURM worker jobs: use it with --cluster slurm")
     # Worker processes (and the servers they start) inherit an ignored SIGINT: Ctrl-C in the
@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "gpu"):
-        args.gpu = args.gpu or bool(dask.config.get("nemocc.gpu"))
+        args.gpu = args.gpu or bool(setting("gpu"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.verbose < 2:  # read when distributed is first imported; its default is INFO

@@ -22,8 +22,14 @@ def _register_defaults() -> None:
 _register_defaults()
 
 
-def setting(key: str):
+_REQUIRED = object()
+
+
+def setting(key: str, default=_REQUIRED):
     """The value of ``nemocc.<key>`` (dotted, e.g. ``"lock.heartbeat-seconds"``): the packaged
-    default from ``nemocc.yaml`` unless set in Dask config or a ``DASK_NEMOCC__...`` variable.
-    Read where it is used, so a value set before a cluster starts reaches its workers."""
-    return dask.config.get(f"nemocc.{key}")
+    default from ``nemocc.yaml`` unless set in Dask config or a ``DASK_NEMOCC__...`` variable
+    (``default`` for a key that has none there). Read where it is used, so a value set before a
+    cluster starts reaches its workers."""
+    if default is _REQUIRED:
+        return dask.config.get(f"nemocc.{key}")
+    return dask.config.get(f"nemocc.{key}", default)

@@ -37,3 +37,18 @@ def test_a_value_set_in_dask_config_is_read():
         assert setting("lock.stale-after-seconds") == 5
     with pytest.raises(KeyError):
         setting("no-such-setting")
+
+
+def test_the_package_reads_its_settings_through_one_function():
+    """Issue 25: ``nemocc.*`` keys are read in one module (``config.setting``), not by
+    ``dask.config.get`` spread over the package."""
+    import re
+    from pathlib import Path
+
+    import nemocc_dask
+
+    root = Path(nemocc_dask.__file__).parent
+    direct = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py") if p.name != "config.py"
+              for n, line in enumerate(p.read_text().splitlines(), 1)
+              if re.search(r"""dask\.config\.get\(\s*f?["']nemocc""", line)]
+    assert not direct, direct

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-import dask.config
+from nemocc_dask.config import setting
 
 SPACING = 1024 * 1024  # decompressed bytes between seek points (each costs 32 KiB of index)
 _HEADER = struct.Struct("<5sBBQQIII")  # magic, version, flags, sizes, spacing, window, points
@@ -33,7 +33,7 @@ READ_BUFFER = 256 * 1024
 def index_path(path: str | os.PathLike) -> Path:
     """Where the index of ``path`` (as it is now: size and mtime) is kept."""
     stat = os.stat(path)
-    folder = dask.config.get("nemocc.gzip-index-dir", None) or os.path.join(
+    folder = setting("gzip-index-dir", None) or os.path.join(
         tempfile.gettempdir(), "nemocc-gzip-index")
     key = f"{os.path.abspath(path)}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}"
     return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.gzidx"

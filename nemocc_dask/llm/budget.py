@@ -10,7 +10,7 @@ import uuid
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from nemocc_dask.llm.coordinator import Coordinator, setting
+from nemocc_dask.llm.coordinator import Coordinator, budget_setting
 
 PLUGIN_NAME = "nemocc-budget"
 HANDLER = "nemocc_budget"
@@ -43,8 +43,8 @@ class BudgetLink:
     def __init__(self, worker):
         self._worker = worker
         self.holder = f"{worker.address}/{uuid.uuid4().hex[:8]}"
-        self.report_seconds = setting("report-seconds")
-        self.idle_report_seconds = setting("idle-report-seconds")
+        self.report_seconds = budget_setting("report-seconds")
+        self.idle_report_seconds = budget_setting("idle-report-seconds")
         self._registered = False
 
     def on_worker_loop(self) -> bool:

@@ -36,9 +36,7 @@ import math
 import time
 from dataclasses import dataclass
 
-import dask.config
-
-import nemocc_dask.config  # noqa: F401  (registers the nemocc.* config defaults)
+from nemocc_dask.config import setting
 from nemocc_dask.llm.concurrency import Change, FixedWindow, Tally, WindowController
 
 DEMAND_MEMORY_SECONDS = 1.0  # a holder's demand counts as its peak over this long
@@ -49,9 +47,9 @@ MAX_REPORTS_PER_SECOND = 1000  # holders are told to report less often beyond th
 logger = logging.getLogger(__name__)
 
 
-def setting(name: str) -> float:
+def budget_setting(name: str) -> float:
     """A ``nemocc.budget.*`` setting from Dask config (seconds)."""
-    return float(dask.config.get(f"nemocc.budget.{name}"))
+    return float(setting(f"budget.{name}"))
 
 
 @dataclass
@@ -195,9 +193,9 @@ class Coordinator:
 
     def __init__(self, lease: float | None = None, grace: float | None = None,
                  report_seconds: float | None = None):
-        self.lease = setting("lease-seconds") if lease is None else lease
-        self.grace = setting("lease-grace-seconds") if grace is None else grace
-        self.report_seconds = (setting("report-seconds") if report_seconds is None
+        self.lease = budget_setting("lease-seconds") if lease is None else lease
+        self.grace = budget_setting("lease-grace-seconds") if grace is None else grace
+        self.report_seconds = (budget_setting("report-seconds") if report_seconds is None
                                else report_seconds)
         self.endpoints: dict[str, EndpointBudget] = {}
         self.expired: dict[str, float] = {}  # holder -> when its room was handed out

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 
-import dask.config
-
-import nemocc_dask.config  # noqa: F401  (registers the nemocc.* defaults)
+from nemocc_dask.config import setting
 from nemocc_dask.errors import StartError
 from nemocc_dask.io.gpu import require_gpu
 
@@ -27,7 +25,7 @@ LOCAL_DASHBOARD = "127.0.0.1:0"
 
 
 def _option(name: str, value):
-    return value if value is not None else dask.config.get(f"nemocc.{name}")
+    return value if value is not None else setting(name)
 
 
 def slurm_cluster(**overrides):
@@ -37,7 +35,7 @@ def slurm_cluster(**overrides):
     except ImportError:
         raise ClusterError("--cluster slurm needs dask-jobqueue: pip install 'nemocc_dask[slurm]'"
                            ) from None
-    cfg = dict(dask.config.get("nemocc.slurm"))
+    cfg = dict(setting("slurm"))
     cfg.update({k.replace("_", "-"): v for k, v in overrides.items() if v is not None})
     kwargs = dict(queue=cfg["queue"], account=cfg["account"], walltime=cfg["walltime"],
                   cores=cfg["cores"], memory=cfg["memory"], processes=cfg["processes"],
@@ -98,7 +96,7 @@ def make_client(cluster: str | None = None, scheduler: str | None = None,
 
     scheduler = _option("scheduler", scheduler)
     scheduler_file = _option("scheduler-file", scheduler_file)
-    timeout = float(dask.config.get("nemocc.worker-start-timeout"))
+    timeout = float(setting("worker-start-timeout"))
     if scheduler or scheduler_file:
         client = Client(scheduler) if scheduler else Client(scheduler_file=scheduler_file)
         wait_for_first_worker(client, timeout, "are the workers started and pointed at "
@@ -109,7 +107,7 @@ def make_client(cluster: str | None = None, scheduler: str | None = None,
     threads = _option("local.threads-per-worker", threads_per_worker)
     if kind == "local":
         return Client(LocalCluster(n_workers=workers, threads_per_worker=threads,
-                                   memory_limit=dask.config.get("nemocc.local.memory-limit"),
+                                   memory_limit=setting("local.memory-limit"),
                                    host="127.0.0.1", dashboard_address=LOCAL_DASHBOARD,
                                    silence_logs=worker_log_level))
     if kind == "local-cuda":
@@ -120,7 +118,7 @@ def make_client(cluster: str | None = None, scheduler: str | None = None,
                                        dashboard_address=LOCAL_DASHBOARD))
     if kind == "slurm":
         client = Client(slurm_cluster(**slurm_options))
-        adapt = slurm_options.get("adapt") or dask.config.get("nemocc.slurm.adapt")
+        adapt = slurm_options.get("adapt") or setting("slurm.adapt")
         if not adapt or parse_adapt(adapt)[0] > 0:  # an adaptive cluster from 0 waits for work
             wait_for_first_worker(client, timeout, "check `squeue --me` for pending worker jobs "
                                                    "(queue, account, resources) and their logs")

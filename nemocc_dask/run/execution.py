@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import dask
 
+from nemocc_dask.config import setting
 from nemocc_dask.errors import Interrupted, Preempted
 
 if TYPE_CHECKING:  # the progress line (run.progress) imports this module
@@ -90,7 +91,7 @@ def _drain(client, futures, progress: Progress, where: dict, stop: StopRequested
 
     from nemocc_dask.llm.pools import requests_in_flight
 
-    grace = float(dask.config.get("nemocc.drain-seconds"))
+    grace = float(setting("drain-seconds"))
     logger.warning("%s: stopping; waiting up to %.0f s for the requests in flight", stop.name,
                    grace)
     in_flight = _drain_workers(client, f"the run is stopping ({stop.name})")
@@ -172,7 +173,7 @@ def compute_here(tasks: list, out_dirs: list[Path], progress: Progress) -> None:
             while thread.is_alive():
                 thread.join(0.2)
     except BaseException as exc:
-        grace = float(dask.config.get("nemocc.drain-seconds"))
+        grace = float(setting("drain-seconds"))
         logger.warning("%s: stopping; waiting up to %.0f s for the requests in flight",
                        exc.name if isinstance(exc, StopRequested) else type(exc).__name__,
                        grace)

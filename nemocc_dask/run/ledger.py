@@ -6,7 +6,7 @@ from the folder's ``plan.json`` (what ``plan`` was given); without prices the co
 
 from __future__ import annotations
 
-import dask.config
+from nemocc_dask.config import setting
 
 
 def ledger_settings(plan: dict | None) -> dict:
@@ -16,7 +16,7 @@ def ledger_settings(plan: dict | None) -> dict:
     for key, plan_key, default in (("price-input", "price_input", None),
                                    ("price-output", "price_output", None),
                                    ("gpus-per-endpoint", "gpus_per_endpoint", 1.0)):
-        value = dask.config.get(f"nemocc.ledger.{key}", None)
+        value = setting(f"ledger.{key}", None)
         settings[plan_key] = float(value) if value is not None else planned.get(plan_key, default)
     return settings
 

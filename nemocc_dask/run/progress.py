@@ -12,8 +12,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dask.config
-
 from nemocc_dask.config import setting
 from nemocc_dask.io.storage import is_remote
 from nemocc_dask.llm.telemetry import (describe_endpoints, latency_bin, merge_series,
@@ -212,7 +210,7 @@ class Progress:
             self._thread.join()
         if self._metrics_server is not None:
             self._scan()  # the final figures, for a last scrape
-            time.sleep(float(dask.config.get("nemocc.metrics-linger-seconds", 0) or 0))
+            time.sleep(float(setting("metrics-linger-seconds", 0) or 0))
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         if self.enabled:
