@@ -209,3 +209,14 @@ def test_more_busy_workers_than_slots_each_get_their_turn_and_never_exceed_it():
             assert coord.in_use("http://e/v1") <= 2
         served |= {h for h, cap in caps.items() if cap}
     assert served == set(holders)
+
+
+def test_a_holder_that_starts_asking_gets_its_share_at_once():
+    """A pool's first report (idle) and its next one with demand, a few ms apart: the share is
+    computed for the second, not left at 0 until the next tick (the pool's first requests
+    waited a report period, or the idle period, for it)."""
+    coord = _coordinator()
+    assert _report(coord, "w1/p", 0.0, 0, 0, 0) == 0
+    assert _report(coord, "w1/p", 0.01, 0, 0, 30) == 16
+    assert _report(coord, "w2/p", 0.02, 0, 0, 0) == 0  # a second holder: room it may take
+    assert _report(coord, "w1/p", 0.03, 16, 16, 30) == 16  # (w2 still idle)

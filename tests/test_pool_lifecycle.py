@@ -218,3 +218,41 @@ def test_a_pool_whose_lease_lapses_sends_nothing_until_it_is_renewed():
     assert not sent_while_fenced, sent_while_fenced  # 0.1 s: a request already on its way
     assert len(results) == 200 and all(r.error is None for r in results)
     assert server.stats.max_in_flight <= 4
+
+
+class _SlowFirstLink:
+    """A coordinator whose first answer takes 0.3 s (a scheduler RPC) and that grants what is
+    asked; an idle pool would next report only after a minute."""
+
+    report_seconds, idle_report_seconds = 0.05, 60.0
+
+    def __init__(self):
+        self.demands = []
+
+    def on_worker_loop(self) -> bool:
+        return False
+
+    async def exchange(self, reports):
+        if not self.demands:
+            await asyncio.sleep(0.3)
+        self.demands.append(sum(r["demand"] for r in reports.values()))
+        return {"lease": 30.0, "endpoints": {
+            name: {"cap": 4 if r["demand"] else 0, "epoch": 0, "window": 4}
+            for name, r in reports.items()}}
+
+
+def test_work_that_arrives_during_the_pools_first_report_is_sent_at_once():
+    """The pool's first report went out idle; requests that came meanwhile are reported at once,
+    not after the idle period (they waited 2 s in every worker's first partition)."""
+    with MockLLMServer(latency=0.01) as server:
+        llm = LLMConfig(base_url=server.base_url, model="mock")
+        link = _SlowFirstLink()
+        pool = WorkerPool(_factories(llm, 4), 4, 0, 0.01, 0.1, 1.0, budget=link)
+        time.sleep(0.1)  # the first report is on its way
+        started = time.monotonic()
+        results = list(pool.stream(_requests(8)))
+        took = time.monotonic() - started
+        pool.close()
+    assert len(results) == 8 and all(r.error is None for r in results)
+    assert link.demands[0] == 0 and link.demands[1] > 0
+    assert took < 10, took  # not the idle minute

@@ -232,6 +232,7 @@ class Coordinator:
         budget.update(holder, holding, cap=int(report.get("cap", 0)),
                       in_flight=int(report.get("in_flight", 0)), seen=now,
                       status=report.get("status"))
+        idle_until_now = holding.peak_demand == 0
         holding.remember_demand(int(report.get("demand", 0)), now)
         if budget.poller not in budget.holdings and report.get("can_poll"):
             budget.poller = holder
@@ -239,7 +240,9 @@ class Coordinator:
         for change in changes:
             logger.info("endpoint %s: window %d -> %d (%s)", budget.name, change.old,
                         change.new, change.reason)
-        for key in budget.tick(now, self.lease + self.grace, force=bool(changes)):
+        # a holder that had no demand has no share yet: recompute now, not at the next tick
+        starting = idle_until_now and holding.peak_demand > 0
+        for key in budget.tick(now, self.lease + self.grace, force=bool(changes) or starting):
             self.expired[key] = now
         if len(self.expired) > 10_000:  # remembered for the warning only; keep the newest
             self.expired = dict(sorted(self.expired.items(), key=lambda kv: kv[1])[-1000:])

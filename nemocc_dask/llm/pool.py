@@ -183,6 +183,7 @@ class WorkerPool:
                 await asyncio.sleep(link.report_seconds)
                 continue
             answered = True
+            woken = self._budget_wake.is_set()  # work arrived while the report was on its way
             lease_until = sent_at + float(answer.get("lease", 0.0))
             if self._lease_lapsed:
                 logger.warning("the scheduler renewed this pool's share: sending again")
@@ -193,6 +194,8 @@ class WorkerPool:
             self._dispatch()
             busy = any(r["demand"] or r["cap"] for r in reports.values())
             self._budget_wake.clear()
+            if woken and not busy:
+                continue  # the report said idle: say now what is waiting, not in idle seconds
             every = float(answer.get("report_seconds", link.report_seconds))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._budget_wake.wait(),
