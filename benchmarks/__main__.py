@@ -1,6 +1,6 @@
 """Benchmark suite: ``python -m benchmarks [SUITE ...] [--quick] --out DIR`` (suites: generation
 faults preprocessing memory budget occupancy jsonl_reading autotune concurrency resume llamacpp
-plan).
+plan startup).
 
 Each suite prints a table and writes JSON (and PNG plots) under the output folder, plus
 ``summary.md``. Figures are ratios measured in one run (ours vs a baseline, achieved vs ideal).
@@ -15,14 +15,15 @@ import platform
 import time
 from pathlib import Path
 
-from benchmarks import autotune, cluster, concurrency, llamacpp, plan, resume, suites
+from benchmarks import autotune, cluster, concurrency, llamacpp, plan, resume, startup, suites
 
 SUITES = {"generation": suites.generation, "faults": suites.faults,
           "preprocessing": suites.preprocessing, "memory": suites.memory,
           "budget": cluster.budget, "occupancy": cluster.occupancy,
           "jsonl_reading": cluster.jsonl_reading, "autotune": autotune.autotune,
           "concurrency": concurrency.concurrency, "resume": resume.resume,
-          "llamacpp": llamacpp.llamacpp, "plan": plan.plan_accuracy}
+          "llamacpp": llamacpp.llamacpp, "plan": plan.plan_accuracy,
+          "startup": startup.startup}
 
 
 def main() -> None:
