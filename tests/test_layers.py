@@ -86,3 +86,25 @@ def test_a_long_module_says_why_it_is_one():
         if lines > LONG_MODULE_LINES and "One module because" not in doc:
             unexplained.append(f"{module}: {lines} lines")
     assert not unexplained, unexplained
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    """The top-level names of the packages ``path`` imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_the_llm_layer_touches_dask_in_its_adapters_only_and_never_pandas():
+    """llm/ talks to endpoints: Dask only in its two adapters (the scheduler's budget plugin,
+    the worker's pools plugin), no pandas at all."""
+    adapters = {"llm.budget", "llm.pool_plugin"}
+    found = {name: _third_party_imports(path) for name, path in _modules().items()
+             if _layer(name) == "llm"}
+    dask_users = {name for name, names in found.items() if names & {"dask", "distributed"}}
+    assert dask_users <= adapters, dask_users - adapters
+    assert not [name for name, names in found.items() if "pandas" in names]

@@ -2,7 +2,7 @@
 protocol and HTTP client, the per-worker pool with its learned window, the cluster-wide budget
 on the scheduler (``budget`` is the one Dask adapter), the request timeout, the start-up check
 and finding the served model's tokenizer. No pandas, and no Dask outside ``budget`` and
-``pool_plugin``; it may import the recipe and io layers (a task's generation settings, token
+``pool_plugin`` (``tests/test_layers.py`` checks both); it may import the recipe and io layers (a task's generation settings, token
 counts).
 """
 

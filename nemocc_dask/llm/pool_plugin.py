@@ -1,8 +1,10 @@
-"""The Dask worker plugin that owns a worker's client pools (kept apart from ``pool`` so that
-importing the package does not import ``distributed`` before its logging is configured)."""
+"""The Dask side of a worker's client pools: the worker plugin that owns them, and which worker
+this process is (kept apart from ``pools`` so that importing the package does not import
+``distributed`` before its logging is configured)."""
 
 from __future__ import annotations
 
+from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from nemocc_dask.llm.pools import PLUGIN_NAME, close_pools
@@ -15,3 +17,11 @@ class PoolsPlugin(WorkerPlugin):
 
     def teardown(self, worker) -> None:
         close_pools()
+
+
+def current_worker():
+    """This process's Dask worker, or None outside one."""
+    try:
+        return get_worker()
+    except ValueError:
+        return None

@@ -87,13 +87,12 @@ atexit.register(close_pools)  # for pools outside Dask workers (threaded or sync
 
 
 def _current_worker():
-    """This process's Dask worker, or None outside one (distributed is imported only here)."""
+    """This process's Dask worker, or None outside one (``pool_plugin`` is the Dask side)."""
     try:
-        from distributed import get_worker
-
-        return get_worker()
-    except (ImportError, ValueError):
+        from nemocc_dask.llm.pool_plugin import current_worker
+    except ImportError:  # no distributed
         return None
+    return current_worker()
 
 
 def _attach_to_worker(worker) -> None:
