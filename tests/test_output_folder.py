@@ -125,3 +125,31 @@ def test_a_run_whose_lock_was_taken_stops_and_never_rewrites_it(tmp_path, nemocc
         assert json.loads((out / LOCK).read_text())["token"] == "theirs"
     assert lost and "host othernode, pid 7" in lost[0] and "stopped sending" in lost[0]
     assert json.loads((out / LOCK).read_text())["token"] == "theirs"  # not removed either
+
+
+def test_a_run_started_before_generation_settings_moved_into_the_task_still_resumes(tmp_path):
+    """A run started when ``--temperature`` lived in LLMConfig recorded the task preset's default
+    there and the override in ``settings`` only; the same command now puts the override in the
+    task too. It is the same run (``settings``, what is sent, is unchanged); another temperature
+    is not."""
+    from pathlib import Path
+
+    from nemocc_dask import LLMConfig, get_preset
+    from nemocc_dask.recipe.presets import PRESETS
+    from nemocc_dask.run.start import Job, fingerprint
+
+    def material(temperature):
+        job = Job(get_preset("distill", temperature=temperature),
+                  LLMConfig(base_url="http://127.0.0.1:1/v1", model="m"), Path(tmp_path))
+        return json.loads(json.dumps(fingerprint(job, {"files": []}, None, 0, "id"),
+                                     default=str))
+
+    now = material(0.3)
+    before = {**now, "task": {**now["task"], "temperature": PRESETS["distill"].temperature}}
+    assert before != now and before["settings"]["temperature"] == 0.3
+    out = tmp_path / "out"
+    with OutputLock(out):
+        prepare_output(out, before, "new")
+    assert check_output(out, now, False) == "resume"
+    with pytest.raises(OutputError, match="holds a run with different"):
+        check_output(out, material(0.4), False)

@@ -23,6 +23,7 @@ from nemocc_dask import io
 from nemocc_dask.config import setting
 from nemocc_dask.errors import RunError, StartError
 from nemocc_dask.io import storage
+from nemocc_dask.recipe.presets import GENERATION_FIELDS
 from nemocc_dask.serve.process import SERVE_LOGS  # written by a served model from the start
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,18 @@ def _what_changed(old: dict, new: dict) -> str:
     return ", ".join(changed) or "the run's settings"
 
 
+def _comparable(material: dict, leave_out: tuple[str, ...] = ()) -> dict:
+    """``material`` as two runs' identities are compared: without ``leave_out`` and without the
+    task's generation settings, which ``settings`` states as sent (a run started before they
+    moved into the task preset has the preset's defaults there, its overrides in ``settings``
+    only: it is the same run)."""
+    task = material.get("task")
+    if isinstance(task, dict):
+        task = {k: v for k, v in task.items() if k not in (*GENERATION_FIELDS, "extra_body")}
+    kept = {k: (task if k == "task" else v) for k, v in material.items() if k not in leave_out}
+    return json.loads(json.dumps(kept, default=str))
+
+
 def check_output(out_dir: Path, material: dict, overwrite: bool,
                  unknown: tuple[str, ...] = ()) -> str:
     """Whether this run may use ``out_dir``, without changing anything in it.
@@ -82,16 +95,9 @@ def check_output(out_dir: Path, material: dict, overwrite: bool,
     previous = json.loads(manifest.read_text())
     if overwrite:
         return "replace"
-    if unknown:
-        known = {k: v for k, v in (previous.get("material") or {}).items() if k not in unknown}
-        if json.loads(json.dumps(known, default=str)) != json.loads(json.dumps(
-                {k: v for k, v in material.items() if k not in unknown}, default=str)):
-            raise OutputError(f"output folder {str(out_dir)!r} holds a run with different "
-                              f"{_what_changed(previous.get('material') or {}, material)}; "
-                              "rerun with the same command to resume it, or pass --overwrite "
-                              "to start over")
-        return "resume"
-    if previous.get("fingerprint") != io.digest(material):
+    same = (not unknown and previous.get("fingerprint") == io.digest(material)) or \
+        _comparable(previous.get("material") or {}, unknown) == _comparable(material, unknown)
+    if not same:
         raise OutputError(f"output folder {str(out_dir)!r} holds a run with different "
                           f"{_what_changed(previous.get('material') or {}, material)}; rerun "
                           "with the same command to resume it, or pass --overwrite to start over")
