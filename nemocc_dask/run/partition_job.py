@@ -32,7 +32,7 @@ import pandas as pd
 
 from nemocc_dask.io import atomic_write_bytes, atomic_write_parquet, file_digest
 from nemocc_dask.io.frames import concat, to_host_list
-from nemocc_dask.io.storage import as_path
+from nemocc_dask.io.storage import as_path, refresh
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.recipe.presets import TaskPreset
 from nemocc_dask.recipe.stages.postprocess import (REJECT_REASON, dropped_rejects,
@@ -73,6 +73,22 @@ def stats_path(out_dir: str | Path, index: int) -> Path:
 
 def journal_path(out_dir: str | Path, index: int) -> Path:
     return as_path(out_dir) / "journal" / f"{part_name(index)}.jsonl"
+
+
+def read_stats(out_dir: str | Path, skip_unreadable: bool = False) -> list[dict]:
+    """Every partition's stats in ``out_dir``, in partition order, from a fresh listing;
+    ``skip_unreadable``: leave out one that cannot be read (while the run goes) instead of
+    raising."""
+    out = as_path(out_dir)
+    refresh(out)
+    stats = []
+    for path in sorted((out / "stats").glob("*.json")):
+        try:
+            stats.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            if not skip_unreadable:
+                raise
+    return stats
 
 
 def finished_stats(out_dir: str | Path, index: int) -> dict | None:

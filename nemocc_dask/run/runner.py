@@ -1,6 +1,7 @@
 """Driver side of a lossless run: check everything before the first request and before the output
 folder changes (``run.start``), lock the folder, skip finished partitions (or redo those with
-failed requests under ``retry_failed``), run the rest on the cluster with a live progress line, and write the report.
+failed requests under ``retry_failed``), run the rest on the cluster with a live progress line,
+and write the report.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import dask
 from nemocc_dask import io
 from nemocc_dask.config import setting
 from nemocc_dask.errors import Preempted, RunError
-from nemocc_dask.io.storage import as_path, refresh
+from nemocc_dask.io.storage import as_path
 from nemocc_dask.llm.config import LLMConfig
 from nemocc_dask.recipe.presets import TaskPreset
 from nemocc_dask.recipe.tokenizer import tokenizer_name
 from nemocc_dask.run.execution import compute, register_pool_plugin
 from nemocc_dask.run.ledger import ledger
 from nemocc_dask.run.output_folder import MANIFEST, LockLost, OutputError
-from nemocc_dask.run.partition_job import finished_stats, process_partition
+from nemocc_dask.run.partition_job import finished_stats, process_partition, read_stats
 from nemocc_dask.run.pipeline import resolve_task
 from nemocc_dask.run.progress import Progress, endpoint_series, endpoint_statuses
 from nemocc_dask.run.report import aggregate, this_run, with_history
@@ -133,12 +134,7 @@ def page(job: Job, report: dict, samples: list[dict], final: bool) -> None:
 
 def live_report(job: Job, started: float, samples: list[dict]) -> None:
     """The job's report.html from the partitions finished so far (while the run goes)."""
-    refresh(job.out_dir)
-    stats = []
-    for path in sorted((job.out_dir / "stats").glob("*.json")):
-        with contextlib.suppress(OSError, ValueError):
-            stats.append(json.loads(path.read_text()))
-    report = aggregate(stats, time.time() - started)
+    report = aggregate(read_stats(job.out_dir, skip_unreadable=True), time.time() - started)
     report["task"] = job.preset.name
     report["endpoint_series"] = {name: points for name, points in
                                  endpoint_series(started).items() if name in job.llm.endpoints}
@@ -152,8 +148,7 @@ def _write_report(job: Job, tokenizer: Any, n_parts: int, ran: int, input_rows: 
     """Sum the job's partition stats into ``report.json`` with the per-endpoint ``series``
     (shared by the tasks of a run that use the same endpoint); RunError if the counts do not
     add up."""
-    refresh(job.out_dir)
-    stats = [json.loads(p.read_text()) for p in sorted((job.out_dir / "stats").glob("*.json"))]
+    stats = read_stats(job.out_dir)
     report = aggregate(stats, seconds, n_parts - ran, expected_rows=input_rows,
                        expected_partitions=n_parts)
     report["this_run"] = this_run(stats, time.time() - seconds, seconds)
