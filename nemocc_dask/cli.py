@@ -234,13 +234,26 @@ def _print_reports(reports: dict, out) -> None:
               "to resend only those", file=sys.stderr)
 
 
-def cmd_run(args) -> int:
+def _task_from_args(args, alternative: str | None = None):
+    """The task of --task or --prompt-file; ConfigError naming the choices (and
+    ``alternative``, another way to give one) when neither is given."""
     from nemocc_dask.recipe.task_file import load_task_file
-    from nemocc_dask.run.runner import run_to_parquet
 
     if not args.task and not args.prompt_file:
-        raise ConfigError("give --task NAME (one of " + ", ".join(PRESETS) + ") or --prompt-file")
-    task = load_task_file(args.prompt_file) if args.prompt_file else args.task
+        others = f", --prompt-file, or {alternative}" if alternative else " or --prompt-file"
+        raise ConfigError(f"give --task NAME (one of {', '.join(PRESETS)}){others}")
+    return load_task_file(args.prompt_file) if args.prompt_file else args.task
+
+
+def _tasks_from_args(args) -> list[str] | None:
+    """The pipeline's tasks of --tasks (None: all)."""
+    return [t for t in (args.tasks or "").split(",") if t] or None
+
+
+def cmd_run(args) -> int:
+    from nemocc_dask.run.runner import run_to_parquet
+
+    task = _task_from_args(args)
     llm = _llm_from_args(args)
     with _client(args):
         report = run_to_parquet(args.input, args.output, task, llm, tokenizer=args.tokenizer,
@@ -258,7 +271,7 @@ def cmd_run(args) -> int:
 def cmd_nemotron_cc(args) -> int:
     from nemocc_dask.run.nemotron_cc import run_nemotron_cc_to_parquet
 
-    tasks = [t for t in (args.tasks or "").split(",") if t] or None
+    tasks = _tasks_from_args(args)
     llm = _llm_from_args(args)
     with _client(args):
         reports = run_nemotron_cc_to_parquet(
@@ -276,7 +289,6 @@ def cmd_nemotron_cc(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from nemocc_dask.recipe.task_file import load_task_file
     from nemocc_dask.run.plan import plan, plan_nemotron_cc, render_plan
 
     options = dict(tokenizer=args.tokenizer, text_field=args.text_field, id_field=args.id_field,
@@ -290,7 +302,7 @@ def cmd_plan(args) -> int:
         if args.task or args.prompt_file:
             raise ConfigError("--pipeline nemotron-cc plans its own tasks: choose them with "
                               "--tasks, not --task or --prompt-file")
-        tasks = [t for t in (args.tasks or "").split(",") if t] or None
+        tasks = _tasks_from_args(args)
         llm = _llm_from_args(args)
         with _client(args):
             result = plan_nemotron_cc(args.input, args.output, llm,
@@ -298,10 +310,7 @@ def cmd_plan(args) -> int:
                                       threshold=args.threshold, tasks=tasks,
                                       overrides=_task_overrides(args), **options)
     else:
-        if not args.task and not args.prompt_file:
-            raise ConfigError("give --task NAME (one of " + ", ".join(PRESETS) + "), "
-                              "--prompt-file, or --pipeline nemotron-cc")
-        task = load_task_file(args.prompt_file) if args.prompt_file else args.task
+        task = _task_from_args(args, "--pipeline nemotron-cc")
         llm = _llm_from_args(args)
         with _client(args):
             result = plan(args.input, args.output, task, llm,
