@@ -21,14 +21,21 @@ def ledger_settings(plan: dict | None) -> dict:
     return settings
 
 
+def cost(prompt: float, completion: float, price_input: float | None,
+         price_output: float | None) -> float | None:
+    """What ``prompt`` and ``completion`` tokens cost at prices per million tokens (None
+    without any price)."""
+    if price_input is None and price_output is None:
+        return None
+    return prompt / 1e6 * (price_input or 0) + completion / 1e6 * (price_output or 0)
+
+
 def _entry(prompt: int, completion: int, wall: float, endpoints: int, settings: dict) -> dict:
     gpu_hours = wall / 3600 * endpoints * (settings["gpus_per_endpoint"] or 1.0)
-    priced = settings["price_input"] is not None or settings["price_output"] is not None
-    cost = (prompt / 1e6 * (settings["price_input"] or 0)
-            + completion / 1e6 * (settings["price_output"] or 0)) if priced else None
+    spent = cost(prompt, completion, settings["price_input"], settings["price_output"])
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "wall_seconds": round(wall, 3), "endpoints": endpoints,
-            "gpu_hours": round(gpu_hours, 4), "cost": None if cost is None else round(cost, 4)}
+            "gpu_hours": round(gpu_hours, 4), "cost": None if spent is None else round(spent, 4)}
 
 
 def ledger(report: dict, endpoints: int, plan: dict | None) -> dict:

@@ -78,13 +78,12 @@ def _probe(parts: list, plans: dict, probed: list[int], shares: dict[str, int]) 
     result, with its ``round``."""
     results: list[dict] = []
     previous = None
+    pairs = [(name, i) for name in plans if shares[name] for i in probed]
     for number in range(PROBE_ROUNDS):
-        wanted = [math.ceil(shares[name] * 2 ** number / len(probed))
-                  for name in plans if shares[name] for i in probed]
+        wanted = [math.ceil(shares[name] * 2 ** number / len(probed)) for name, _ in pairs]
         tasks = [dask.delayed(probe_partition)(parts[i], i, plans[name], want,
                                                dask_key_name=f"nemocc-plan-probe-{number}-{name}-{i}")
-                 for want, (name, i) in zip(wanted, [(name, i) for name in plans if shares[name]
-                                                     for i in probed])]
+                 for want, (name, i) in zip(wanted, pairs)]
         if not tasks:
             break
         done = [dict(p, round=number) for p in dask.compute(*tasks)]

@@ -9,6 +9,8 @@ import math
 import statistics
 from collections import Counter
 
+from nemocc_dask.run.ledger import cost
+
 Z95 = 1.96
 
 
@@ -157,8 +159,6 @@ def run_projection(tasks: dict[str, dict], counts: list[dict], probes: list[dict
         total["gpu_hours"] = round(wall / 3600 * endpoints * gpus_per_endpoint, 3)
     else:
         total["wall_seconds"] = total["wall_hours"] = total["gpu_hours"] = None
-    total["cost"] = None
-    if price_input is not None or price_output is not None:
-        total["cost"] = round(total["prompt_tokens"] / 1e6 * (price_input or 0)
-                              + total["completion_tokens"] / 1e6 * (price_output or 0), 2)
+    spent = cost(total["prompt_tokens"], total["completion_tokens"], price_input, price_output)
+    total["cost"] = None if spent is None else round(spent, 2)
     return total
