@@ -26,7 +26,7 @@ MAX_SAMPLES = 2000    # endpoint samples kept for report.html (thinned to every 
 
 
 @dataclass
-class Tally:
+class PartitionCounts:
     """Answers of one partition: received, failed, completion tokens, failures and retries by
     class."""
 
@@ -37,7 +37,7 @@ class Tally:
     retries_by_class: Counter = field(default_factory=Counter)
 
     @classmethod
-    def of_stats(cls, stats: dict) -> "Tally":
+    def of_stats(cls, stats: dict) -> "PartitionCounts":
         """A finished partition's tally, from its stats."""
         return cls(stats["requests"], stats["failed_requests"], stats["completion_tokens"],
                    Counter(stats.get("failed_by_class", {})),
@@ -81,8 +81,8 @@ class Progress:
         self.metrics_url: str | None = None
         self.done = 0
         self.enabled = enabled
-        self._live: dict[Path, list] = {}  # journal -> [offset read, Tally]
-        self._finished: dict[Path, Tally] = {}
+        self._live: dict[Path, list] = {}  # journal -> [offset read, PartitionCounts]
+        self._finished: dict[Path, PartitionCounts] = {}
         self.latency: Counter = Counter()  # latency_bin -> answers, of the journals read
         self._stop = threading.Event()
         self._started = time.time()
@@ -97,7 +97,7 @@ class Progress:
                     self._read_journal(path)
 
     def _read_journal(self, path: Path) -> None:
-        live = self._live.setdefault(path, [0, Tally()])
+        live = self._live.setdefault(path, [0, PartitionCounts()])
         try:
             with open(path, "rb") as fh:
                 fh.seek(live[0])
@@ -122,7 +122,7 @@ class Progress:
         if path in self._finished:
             return
         self.done += 1
-        self._finished[path] = Tally.of_stats(stats)
+        self._finished[path] = PartitionCounts.of_stats(stats)
         self._live.pop(path, None)
 
     def snapshot(self) -> dict:
@@ -210,7 +210,7 @@ class Progress:
             self._thread.join()
         if self._metrics_server is not None:
             self._scan()  # the final figures, for a last scrape
-            time.sleep(float(setting("metrics-linger-seconds", 0) or 0))
+            time.sleep(float(setting("metrics-linger-seconds")))
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         if self.enabled:

@@ -1,8 +1,9 @@
 """``report.html``: one self-contained page per task folder (plots inline as SVG, no script, no
 network), written while the run goes (every ``nemocc.report-refresh-seconds``, from the
 partitions finished so far) and once more at the end. Sections: throughput and window against the
-server's queue over time per endpoint, errors over time and by class, rows kept and rejected by reason, token-length
-histograms of segments and answers, example rows, the plan's projection against the run.
+server's queue over time per endpoint, errors over time and by class, rows kept and rejected by
+reason, token-length histograms of segments and answers, example rows, the plan's projection
+against the run.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def render(report: dict, out_dir: Path, samples: list[dict], plan: dict | None,
               "errors": "Errors and retries", "rows": "Rows kept and rejected",
               "tokens": "Token lengths", "examples": "Example rows",
               "plan": "The plan against the run"}
-    state = "final" if final else f"live, refreshed every {setting('report-refresh-seconds'):.0f} s"
+    seconds = setting("report-refresh-seconds")
+    state = "final" if final else f"live, refreshed every {seconds:.0f} s"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     head = (f"<h1>nemocc-dask: task {html.escape(str(report.get('task', '')))}</h1>"
             f"<p>{state}; written {stamp}; {report.get('partitions', 0)} partitions, "
@@ -179,7 +181,6 @@ def render(report: dict, out_dir: Path, samples: list[dict], plan: dict | None,
             f"requests, {report.get('wall_seconds', 0)} s</p>")
     sections = "".join(f"<section id='{key}'><h2>{titles[key]}</h2>{bodies[key]}</section>"
                        for key in SECTIONS)
-    seconds = setting("report-refresh-seconds")
     refresh = "" if final else f"<meta http-equiv='refresh' content='{seconds:.0f}'>"
     style = ("body{font-family:sans-serif;max-width:60em;margin:auto}td{padding:0 1em}"
              "pre{white-space:pre-wrap;max-height:20em;overflow:auto;margin:0}"
