@@ -224,8 +224,8 @@ class OutputLock:
     (temporary file and rename), so two runs starting at the same instant cannot both win; on an
     object store it is advisory. Refreshed every ``nemocc.lock.heartbeat-seconds`` by a thread,
     which first checks that the lock is still this run's: if another run has taken it,
-    ``on_lost(message)`` is called (the runner stops sending at once) and the heartbeat stops. Removed when the run
-    ends (only if still ours)."""
+    ``on_lost(message)`` is called (the runner stops sending at once) and the heartbeat stops.
+    Removed when the run ends (only if still ours)."""
 
     def __init__(self, out_dir: Path, on_lost: Callable[[str], None] | None = None):
         self.out_dir = out_dir
