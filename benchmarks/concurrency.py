@@ -166,10 +166,10 @@ def _scale(holders: int, seconds_of_reports: float = 2.0) -> dict:
     """CPU the coordinator spends on ``holders`` pools reporting every report-seconds."""
     from nemocc_dask.llm.budget import BudgetPlugin
     from nemocc_dask.llm.concurrency import Tally
-    from nemocc_dask.llm.coordinator import setting
+    from nemocc_dask.llm.coordinator import budget_setting
 
     plugin = BudgetPlugin()
-    every = setting("report-seconds")  # until the coordinator paces the holders
+    every = budget_setting("report-seconds")  # until the coordinator paces the holders
     names = [f"tcp://10.0.{i // 250}.{i % 250}:4000/p" for i in range(holders)]
     caps = dict.fromkeys(names, 0)
     tally = Tally()

@@ -147,6 +147,18 @@ def test_a_thousand_holders_cost_the_scheduler_little():
     assert cpu_per_report < 0.002, cpu_per_report
 
 
+
+def test_the_benchmarks_scheduler_cost_probe_runs_against_the_plugin():
+    """benchmarks/concurrency.py's scale probe drives the real BudgetPlugin with the configured
+    report pace (CI's benchmark run once failed on a config key it read the wrong way)."""
+    from benchmarks.concurrency import _scale
+    from nemocc_dask.llm.coordinator import budget_setting
+
+    row = _scale(50, seconds_of_reports=0.5)
+    assert row["holders"] == 50
+    assert row["report_every_s"] >= budget_setting("report-seconds")
+    assert row["reports_per_s"] == round(50 / row["report_every_s"])
+
 @pytest.mark.slow
 def test_workers_joining_and_leaving_never_exceed_the_budget(tmp_path):
     """A 2-worker cluster, a third worker joining mid-run and one leaving: the mock server never
