@@ -1,7 +1,8 @@
 """Servers we do not control (issue 24, servers): a real HTTP server on 127.0.0.1 that answers
-with an endless body, a non-text content, the caller's API key, or a /models list trickled one
-byte at a time. Every answer is bounded in bytes and time, a non-text answer is a failed request
-(so --retry-failed resends it), and the key never reaches the output."""
+with an endless body, a gzip bomb, JSON nested past the parser's depth, a non-text content, content
+as a list of parts, a malformed finish_reason or usage, the caller's API key, or a /models list
+trickled one byte at a time. Every answer is bounded in bytes and time, a non-text answer is a
+failed request (so --retry-failed resends it), and the key never reaches the output."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import json
 import threading
 import time
+import zlib
 
 import pytest
 from aiohttp import web
@@ -21,6 +23,27 @@ from nemocc_dask.recipe.presets import PRESETS
 from nemocc_dask.run.generate import generate_partition
 
 KEY = "sk-test-0123456789abcdef"
+
+
+def _gzip_bomb(megabytes: int) -> bytes:
+    """A JSON answer of ``megabytes`` MiB of text, gzip-compressed to about a thousandth."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [packer.compress(b'{"choices": [{"message": {"content": "')]
+    parts += [packer.compress(b"a" * (1 << 20)) for _ in range(megabytes)]
+    return b"".join(parts + [packer.compress(b'"}}]}'), packer.flush()])
+
+
+ODD_BODIES = {  # hostile modes answered with a fixed body
+    "nested": b"[" * 200_000,  # parses only by recursing past Python's limit
+    "bomb": _gzip_bomb(1024),
+    "parts": json.dumps({"choices": [{"message": {"content": [
+        {"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "Para one. "},
+        {"type": "text", "text": "Para two."}]}, "finish_reason": "stop"}]}).encode(),
+    "odd_envelope": json.dumps({"choices": [{"message": {"content": "An answer."},
+                                             "finish_reason": 5}],
+                                "usage": {"prompt_tokens": "many",
+                                          "completion_tokens": -3}}).encode(),
+}
 
 
 class HostileServer:
@@ -47,6 +70,8 @@ class HostileServer:
             except (ConnectionResetError, RuntimeError):
                 pass
             return response
+        if self.mode in ODD_BODIES:
+            return await self._odd(request, ODD_BODIES[self.mode])
         self.calls += 1
         if self.mode == "stall" and self.calls == 25:  # one request is never answered
             self.released = asyncio.Event()
@@ -59,6 +84,22 @@ class HostileServer:
                                                            content + user[:20]},
                                                "finish_reason": "stop"}],
                                   "usage": {"prompt_tokens": 5, "completion_tokens": 9}})
+
+    async def _odd(self, request, body: bytes):
+        """``body`` gzip-compressed and chunked (no Content-Length) where it is the bomb."""
+        if self.mode != "bomb":
+            return web.Response(body=body, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "application/json",
+                                               "Content-Encoding": "gzip"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            for i in range(0, len(body), 1 << 15):
+                await response.write(body[i:i + (1 << 15)])
+                self.sent_bytes += min(1 << 15, len(body) - i)
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return response
 
     async def _models(self, request):
         text = json.dumps({"data": [{"id": "m"}]}).encode()
@@ -119,6 +160,51 @@ def test_a_non_text_answer_is_a_failed_request_not_an_answer():
         result = _one(LLMConfig(base_url=server.base_url, model="m", max_retries=0))
     assert result.completion is None and result.error_class == "bad_response"
     assert "is a int, not text" in result.error
+
+
+def test_a_compression_bomb_is_cut_at_what_max_tokens_allows_decompressed():
+    """1 GiB of answer sent as 1 MiB of gzip without a length: refused once the decompressed
+    text passes the bound, long before the worker holds it."""
+    import resource
+
+    with HostileServer("bomb") as server:
+        result = _one(LLMConfig(base_url=server.base_url, model="m", max_retries=0))
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert result.error_class == "response_too_large"
+    assert peak_mib < 1024  # the test process never held the GiB
+
+
+def test_an_answer_nested_past_the_parsers_depth_is_a_bad_response_not_a_crash():
+    with HostileServer("nested") as server:
+        result = _one(LLMConfig(base_url=server.base_url, model="m", max_retries=1))
+    assert result.completion is None and result.error_class == "bad_response"
+    assert result.retried == ["bad_response"]  # resent once, as any unparsable answer
+
+
+def test_content_sent_as_a_list_of_parts_is_read_as_its_text_parts():
+    with HostileServer("parts") as server:
+        result = _one(LLMConfig(base_url=server.base_url, model="m", max_retries=0))
+    assert result.completion.text == "Para one. Para two."
+
+
+def test_a_malformed_finish_reason_or_usage_reads_as_absent_and_the_partition_is_written(
+        tmp_path):
+    """A finish_reason that is not text and usage counts that are not counts would otherwise
+    reach the part's typed columns (or the token ledger) as they are."""
+    import pyarrow.parquet as pq
+
+    from nemocc_dask.io.files import atomic_write_parquet
+
+    with HostileServer("odd_envelope") as server:
+        llm = LLMConfig(base_url=server.base_url, model="m", max_retries=0)
+        out, stats = generate_partition(make_docs(3), PRESETS["distill"], llm,
+                                        journal_path=str(tmp_path / "j.jsonl"),
+                                        return_stats=True)
+    assert list(out["distill"]) == ["An answer."] * len(out)
+    assert out["llm_finish_reason"].isna().all()
+    assert (out["llm_completion_tokens"] == 0).all()
+    atomic_write_parquet(out, tmp_path / "part.parquet")
+    assert pq.read_table(tmp_path / "part.parquet").num_rows == len(out)
 
 
 def test_an_answer_that_echoes_the_api_key_never_carries_it_into_the_output(tmp_path):

@@ -83,24 +83,53 @@ def error_for_status(status: int, body: bytes, retry_after: str | None) -> LLMRe
     return LLMRequestError(f"http_{status}", detail)
 
 
+def _content_text(content):
+    """A message's text: a string as it is, a list of content parts (``{"type": "text", "text":
+    ...}``, as some APIs send) joined, ``None`` for no content; anything else is not text."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        texts = [p.get("text") for p in content if p.get("type") == "text"]
+        if texts and all(isinstance(t, str) for t in texts):
+            return "".join(texts)
+        raise LLMRequestError("bad_response", "the answer's message.content is a list "
+                              "without text parts")
+    raise LLMRequestError("bad_response", "the answer's message.content is a "
+                          f"{type(content).__name__}, not text")
+
+
+def _token_count(value) -> int:
+    """A usage figure, or 0 where the server sent none or nonsense (a string, a negative, NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    return int(value) if value == value and 0 <= value < 1 << 40 else 0
+
+
 def parse_completion(data: dict, all_choices: bool = False) -> Completion:
-    """A Completion from a chat-completions JSON answer (first choice unless ``all_choices``);
-    an answer whose content is neither text nor null is a ``bad_response`` (a failed request,
-    which ``--retry-failed`` sends again), never kept as an answer."""
+    """A Completion from a chat-completions JSON answer (first choice unless ``all_choices``).
+    An answer without choices, or whose content is not text, is a failed request
+    (``empty_response``/``bad_response``, which ``--retry-failed`` sends again), never kept as an
+    answer; a malformed ``finish_reason`` or ``usage`` reads as absent."""
     choices = data.get("choices") if isinstance(data, dict) else None
     if not choices or not isinstance(choices, list):
         raise LLMRequestError("empty_response", "the answer has no choices")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     messages = [c.get("message") if isinstance(c, dict) else None for c in choices]
-    texts = [m.get("content") if isinstance(m, dict) else None for m in messages]
-    if not isinstance(texts[0], (str, type(None))):
-        raise LLMRequestError("bad_response", "the answer's message.content is a "
-                              f"{type(texts[0]).__name__}, not text")
+    contents = [m.get("content") if isinstance(m, dict) else None for m in messages]
+    text = _content_text(contents[0])
     first = choices[0] if isinstance(choices[0], dict) else {}
-    return Completion(text=texts[0], finish_reason=first.get("finish_reason"),
-                      prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                      completion_tokens=int(usage.get("completion_tokens") or 0),
-                      choices=[t for t in texts if isinstance(t, str)] if all_choices else [])
+    finish = first.get("finish_reason")
+    others = []
+    if all_choices:
+        for content in contents:
+            try:
+                others.append(_content_text(content))
+            except LLMRequestError:
+                continue
+    return Completion(text=text, finish_reason=finish if isinstance(finish, str) else None,
+                      prompt_tokens=_token_count(usage.get("prompt_tokens")),
+                      completion_tokens=_token_count(usage.get("completion_tokens")),
+                      choices=[t for t in others if isinstance(t, str)])
 
 
 BYTES_PER_TOKEN = 64     # a token's text, JSON-escaped (\uXXXX), with room to spare
@@ -177,7 +206,7 @@ class OpenAIHTTPClient:
                                  connection=True) from None
         try:
             data = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RetryableError("bad_response", "the answer is not JSON") from None
         return parse_completion(data, self._all_choices)
 
