@@ -206,3 +206,42 @@ def test_bad_bytes_and_a_missing_bucket_are_exit_2_naming_where(tmp_path):
         proc = run_cli(server, bad, tmp_path / "out")
         assert proc.returncode == 2 and "bad.jsonl: line 4 is not valid UTF-8" in proc.stderr
         assert server.stats.requests == 0
+
+
+@pytest.mark.slow
+def test_files_written_by_other_tools_are_read_as_the_documents_they_hold(tmp_path):
+    """JSONL saved with a byte-order mark and CRLF line ends, empty and blank JSONL shards next to
+    full ones, and a parquet file whose text is a pandas categorical (dictionary-encoded): every
+    document is read, generated and accounted for, and the parts' text is plain text. A folder of
+    empty JSONL files only is exit 2 saying there is nothing to do, before anything is sent."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    docs = make_docs(12)
+    with (folder / "a.jsonl").open("w", encoding="utf-8-sig", newline="") as fh:
+        for _, row in docs.iloc[:6].iterrows():
+            fh.write(json.dumps({"id": int(row["id"]), "text": row["text"]}) + "\r\n")
+    (folder / "b.jsonl").write_bytes(b"")
+    (folder / "c.jsonl").write_bytes(b"\n\r\n  \n")
+    categorical = docs.iloc[6:][["id", "text"]].astype({"text": "category"})
+    categorical.to_parquet(folder / "d.parquet", index=False)
+    assert pa.types.is_dictionary(pq.read_schema(folder / "d.parquet").field("text").type)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "only.jsonl").write_bytes(b"\n\n")
+    with MockLLMServer() as server:
+        proc = run_cli(server, folder, tmp_path / "out", rows=4)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        sent = server.stats.requests
+        nothing = run_cli(server, empty, tmp_path / "out-empty")
+        assert server.stats.requests == sent
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["documents_in"] == 12 and report["accounted"]
+    parts = pd.read_parquet(tmp_path / "out" / "parts")
+    rejects = pd.read_parquet(tmp_path / "out" / "rejects")
+    assert len(parts) > 0
+    assert sorted(set(parts["id"]) | set(rejects["id"])) == list(range(12))  # every document
+    assert all(isinstance(text, str) for text in parts["text"])
+    for part in (tmp_path / "out" / "parts").glob("*.parquet"):
+        assert str(pq.read_schema(part).field("text").type) in ("string", "large_string")
+    assert nothing.returncode == 2 and "holds no documents" in nothing.stderr \
+        and "only.jsonl" in nothing.stderr

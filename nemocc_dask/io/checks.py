@@ -10,7 +10,7 @@ import pandas as pd
 from nemocc_dask.io import storage
 from nemocc_dask.io import types as input_types
 from nemocc_dask.io.frames import to_host_list
-from nemocc_dask.io.readers import InputError, Piece
+from nemocc_dask.io.readers import InputError, Piece, plain_schema
 
 IDS_PER_OUTPUT_PARTITION = 10_000_000  # id hashes per partition of the duplicate count
 
@@ -69,7 +69,7 @@ def parquet_types(pieces: list[Piece]) -> list[tuple[str, dict[str, str]]]:
     for path in dict.fromkeys(p.path for p in pieces if p.kind == "parquet"):
         with storage.as_path(path).open("rb") as fh:
             meta = pq.ParquetFile(fh).metadata
-            schema = meta.schema.to_arrow_schema()
+            schema = plain_schema(meta.schema.to_arrow_schema())
         found.append((path, {f.name: str(f.type) if meta.num_rows else "null" for f in schema}))
     return found
 

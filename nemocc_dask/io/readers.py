@@ -91,9 +91,18 @@ def _parquet_pieces(path: Path, rows_per_partition: int) -> list[Piece]:
             for s in range(0, rows, rows_per_partition)]
 
 
+def plain_schema(schema):
+    """``schema`` with dictionary-encoded columns (pandas categoricals, as written to parquet)
+    as their value type: a categorical text column is text like any other."""
+    import pyarrow as pa
+
+    return pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f
+                      for f in schema])
+
+
 def _read_parquet_rows(path: str, start: int, stop: int, columns=None):
-    """Rows ``[start, stop)`` of a parquet file as an Arrow table, reading only the row groups
-    that overlap them."""
+    """Rows ``[start, stop)`` of a parquet file as an Arrow table (dictionary columns decoded),
+    reading only the row groups that overlap them."""
     import pyarrow.parquet as pq
 
     with storage.as_path(path).open("rb") as fh:
@@ -106,9 +115,12 @@ def _read_parquet_rows(path: str, start: int, stop: int, columns=None):
                 first_row = offset if first_row is None else first_row
             offset += n
         if not groups:
-            return handle.schema_arrow.empty_table().select(columns or handle.schema_arrow.names)
-        table = handle.read_row_groups(groups, columns=columns)
-    return table.slice(start - first_row, stop - start)
+            table = handle.schema_arrow.empty_table().select(columns or handle.schema_arrow.names)
+        else:
+            table = handle.read_row_groups(groups, columns=columns)
+            table = table.slice(start - first_row, stop - start)
+    plain = plain_schema(table.schema)
+    return table if plain.equals(table.schema) else table.cast(plain)
 
 
 @contextlib.contextmanager
@@ -140,6 +152,7 @@ def _nonblank(raw: bytes, path, where: str) -> str | None:
         raise InputError(f"{path}: {where} is not valid UTF-8 (byte {exc.start} of the line: "
                          f"{raw[max(0, exc.start - 8):exc.start + 8]!r}); re-encode the file as "
                          "UTF-8 or remove the line") from None
+    line = line.removeprefix("\ufeff")  # a byte-order mark (files saved by Windows tools)
     return line if line.strip() else None
 
 
@@ -275,7 +288,7 @@ def _meta(pieces: list[Piece]) -> pd.DataFrame:
         import pyarrow.parquet as pq
 
         with storage.as_path(first.path).open("rb") as fh:
-            return pq.read_schema(fh).empty_table().to_pandas()
+            return plain_schema(pq.read_schema(fh)).empty_table().to_pandas()
     sample = read_piece(Piece(first.path, "jsonl", 0, min(first.stop, 100)))
     return sample.iloc[:0]
 
@@ -292,7 +305,7 @@ def column_type(pieces: list[Piece], name: str) -> str:
             meta = pq.ParquetFile(fh).metadata
             if not meta.num_rows:  # an empty file says nothing about its columns' content
                 return "null"
-            return str(meta.schema.to_arrow_schema().field(name).type)
+            return str(plain_schema(meta.schema.to_arrow_schema()).field(name).type)
     sample = read_piece(Piece(first.path, "jsonl", 0, min(first.stop, 100)))[name]
     kinds = sorted({type(v).__name__ for v in sample if v is not None and v == v})
     return "string" if kinds in ([], ["str"]) else "/".join(kinds)
@@ -316,15 +329,20 @@ def cached_pieces(cache: dict | None, identities: list, rows_per_partition: int)
 def partition_map(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION) -> list[Piece]:
     """The pieces (one per partition) of parquet/JSONL files or folders, in a fixed order.
 
-    Raises InputError for a missing path, an unreadable/corrupt parquet file (named), or files
-    whose columns differ.
+    A JSONL file without a document is no partition (it has no columns to compare). Raises
+    InputError for a missing path, an unreadable/corrupt parquet file (named), files whose
+    columns differ, or JSONL input without any document.
     """
     if rows_per_partition < 1:
         raise InputError(f"rows_per_partition must be >= 1 (got {rows_per_partition})")
-    files = _files(paths)
-    pieces: list[Piece] = []
-    for f in files:
-        pieces += (_parquet_pieces if _kind(f) == "parquet" else _jsonl_pieces)(f, rows_per_partition)
+    found = [(f, (_parquet_pieces if _kind(f) == "parquet" else _jsonl_pieces)(
+        f, rows_per_partition)) for f in _files(paths)]
+    with_rows = [(f, p) for f, p in found if _kind(f) == "parquet" or p[0].stop]
+    if not with_rows:  # JSONL without a document has no columns to check or read
+        raise InputError(f"the input holds no documents: its {len(found)} JSONL file(s) "
+                         f"({', '.join(str(f) for f, _ in found[:3])}) have no non-blank line")
+    files = [f for f, _ in with_rows]  # an empty JSONL file among others is no partition
+    pieces = [piece for _, file_pieces in with_rows for piece in file_pieces]
     meta = _meta(pieces)
     for f in files[1:]:
         other = _meta([Piece(str(f), _kind(f), 0, 100)])
