@@ -49,8 +49,10 @@ ODD_BODIES = {  # hostile modes answered with a fixed body
 class HostileServer:
     """chat/completions answers as ``mode`` says; GET /v1/models trickles with ``trickle``."""
 
-    def __init__(self, mode: str, trickle: bool = False, delay: float = 0.0):
-        self.mode, self.trickle, self.delay = mode, trickle, delay
+    def __init__(self, mode: str, trickle: bool = False, delay: float = 0.0,
+                 models: bytes | None = None):
+        """``models``: the body of GET /v1/models (default: a list holding model "m")."""
+        self.mode, self.trickle, self.delay, self.models = mode, trickle, delay, models
         self.sent_bytes = 0
         self.calls = 0
         self.loop = asyncio.new_event_loop()
@@ -102,7 +104,7 @@ class HostileServer:
         return response
 
     async def _models(self, request):
-        text = json.dumps({"data": [{"id": "m"}]}).encode()
+        text = self.models or json.dumps({"data": [{"id": "m"}]}).encode()
         if not self.trickle:
             return web.Response(body=text, content_type="application/json")
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -224,6 +226,15 @@ def test_a_trickled_model_list_cannot_hold_the_start_check():
         with pytest.raises(PreflightError, match="did not answer GET /models within 6 s"):
             preflight(LLMConfig(base_url=server.base_url, model="m"), timeouts=(2.0, 4.0))
         assert time.monotonic() - started < 6 + 2 * 1.5  # each wait ends within a byte's gap
+
+
+@pytest.mark.parametrize("body", [b"null", b"[]", b'{"data": {"id": "m"}}', b"[" * 200_000])
+def test_a_model_list_that_is_not_one_is_a_clear_refusal(body):
+    from nemocc_dask.llm.preflight import PreflightError, preflight
+
+    with HostileServer("echo", models=body) as server:
+        with pytest.raises(PreflightError, match="GET /models with JSON"):
+            preflight(LLMConfig(base_url=server.base_url, model="m"))
 
 
 def _many(llm, n: int, max_tokens: int = 600):

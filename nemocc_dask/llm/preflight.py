@@ -65,10 +65,14 @@ def _get_models(url: str, api_key: str | None, timeout: float) -> list[str]:
         reason = getattr(exc, "reason", exc)
         raise PreflightError(f"cannot reach endpoint {url} ({reason}); is the server running and "
                              "is --base-url right?") from None
-    except ValueError:
+    except (ValueError, RecursionError):
         raise PreflightError(f"endpoint {url} did not answer GET /models with JSON; check that "
                              "--base-url points at an OpenAI-compatible API") from None
-    return [m for m in data.get("data", []) if isinstance(m, dict)]
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise PreflightError(f"endpoint {url} answered GET /models with JSON that is not a model "
+                             'list ({"data": [{"id": ...}]}); check that --base-url points at an '
+                             "OpenAI-compatible API (usually ending in /v1)")
+    return [m for m in data["data"] if isinstance(m, dict)]
 
 
 def _served_context(entry: dict) -> int | None:
