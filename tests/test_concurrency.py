@@ -164,6 +164,8 @@ def test_tallies_merge_and_fit_overhead_and_per_token_cost():
      "llamacpp:requests_deferred 3\n", (4, 3)),
     ("process_cpu_seconds_total 3.5\n", None),
     ("vllm:num_requests_running 3\n", None),  # half a pair says nothing
+    ("vllm:num_requests_running e\nvllm:num_requests_running 2\n"  # garbage is skipped
+     "vllm:num_requests_waiting -4\n", (2, 0)),  # a negative queue is an empty one
 ])
 def test_queue_gauges_of_each_server_kind(text, expected):
     from nemocc_dask.llm.telemetry import parse_queue_metrics

@@ -1,7 +1,7 @@
 """Servers we do not control (issue 24, servers): a real HTTP server on 127.0.0.1 that answers
 with an endless body, a gzip bomb, JSON nested past the parser's depth, a non-text content, content
-as a list of parts, a malformed finish_reason or usage, the caller's API key, or a /models list
-trickled one byte at a time. Every answer is bounded in bytes and time, a non-text answer is a
+as a list of parts, a malformed finish_reason or usage, the caller's API key, an endless /metrics
+page, or a /models list that is trickled or is not a list. Every answer is bounded in bytes and time, a non-text answer is a
 failed request (so --retry-failed resends it), and the key never reaches the output."""
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ class HostileServer:
     """chat/completions answers as ``mode`` says; GET /v1/models trickles with ``trickle``."""
 
     def __init__(self, mode: str, trickle: bool = False, delay: float = 0.0,
-                 models: bytes | None = None):
-        """``models``: the body of GET /v1/models (default: a list holding model "m")."""
+                 models: bytes | None = None, endless_metrics: bool = False):
+        """``models``: the body of GET /v1/models (default: a list holding model "m");
+        ``endless_metrics``: GET /metrics streams 400 MB of gauges unless the client hangs up."""
         self.mode, self.trickle, self.delay, self.models = mode, trickle, delay, models
+        self.endless_metrics, self.metrics_bytes = endless_metrics, 0
         self.sent_bytes = 0
         self.calls = 0
         self.loop = asyncio.new_event_loop()
@@ -114,8 +116,21 @@ class HostileServer:
             await asyncio.sleep(1.0)
         return response
 
+    async def _metrics(self, request):
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        chunk = b"vllm:num_requests_running 1\nvllm:num_requests_waiting 0\n" * 20000
+        try:
+            while self.endless_metrics and self.metrics_bytes < 1200 << 20:
+                await response.write(chunk)
+                self.metrics_bytes += len(chunk)
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return response
+
     async def _start(self):
         app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         self.runner = web.AppRunner(app)
@@ -235,6 +250,28 @@ def test_a_model_list_that_is_not_one_is_a_clear_refusal(body):
     with HostileServer("echo", models=body) as server:
         with pytest.raises(PreflightError, match="GET /models with JSON"):
             preflight(LLMConfig(base_url=server.base_url, model="m"))
+
+
+def test_an_endless_metrics_page_is_cut_and_the_window_learned_from_latency():
+    """A /metrics that never ends (a proxy, a misrouted stream) is read up to a bound, counted as
+    a failed poll, and after a few the endpoint's window is learned from latency instead; the
+    requests are all answered meanwhile."""
+    from nemocc_dask.llm.pool import METRICS_FAILURES_BEFORE_LATENCY, METRICS_MAX_BYTES
+
+    with HostileServer("echo", delay=0.2, endless_metrics=True) as server:
+        llm = LLMConfig(base_url=server.base_url, model="m", max_retries=0)
+        pool = new_pool(llm, 4)
+        try:
+            results = list(pool.stream([Request(f"k{i}", [{"role": "user", "content": f"q{i}"}],
+                                                {"model": "m", "max_tokens": 20})
+                                        for i in range(60)]))
+            failed = [e.metrics_failed for e in pool.endpoints]
+        finally:
+            pool.close()
+    assert all(r.error is None for r in results)
+    assert failed == [True]
+    bound = METRICS_FAILURES_BEFORE_LATENCY * (METRICS_MAX_BYTES + (8 << 20))  # + socket buffers
+    assert 0 < server.metrics_bytes <= bound
 
 
 def _many(llm, n: int, max_tokens: int = 600):

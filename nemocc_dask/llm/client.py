@@ -143,7 +143,7 @@ def answer_byte_limit(settings: dict) -> int:
     return tokens * BYTES_PER_TOKEN + ANSWER_OVERHEAD_BYTES
 
 
-async def _read_at_most(resp, limit: int, url: str) -> bytes:
+async def read_at_most(resp, limit: int, url: str) -> bytes:
     """The body, refused (``response_too_large``) as soon as it passes ``limit`` bytes, so a
     hostile or broken server cannot fill the worker's memory."""
     if (resp.content_length or 0) > limit:
@@ -194,7 +194,7 @@ class OpenAIHTTPClient:
         limit = self._max_bytes or answer_byte_limit(settings)
         try:
             async with self._get_session().post(self.url, data=body) as resp:
-                raw = await _read_at_most(resp, limit, self.url)
+                raw = await read_at_most(resp, limit, self.url)
                 if resp.status != 200:
                     raise error_for_status(resp.status, raw, resp.headers.get("Retry-After"))
         except asyncio.TimeoutError:

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator
 
 from nemocc_dask.config import setting
 from nemocc_dask.errors import Preempted, RunError
-from nemocc_dask.llm.client import Completion, LLMRequestError, RetryableError
+from nemocc_dask.llm.client import Completion, LLMRequestError, RetryableError, read_at_most
 from nemocc_dask.llm.coordinator import LocalLink
 from nemocc_dask.llm.endpoint import Endpoint
 from nemocc_dask.llm.telemetry import parse_queue_metrics
@@ -56,6 +56,7 @@ from nemocc_dask.llm.timeouts import AdaptiveTimeout
 
 LIVENESS_CHECK_SECONDS = 1.0
 METRICS_FAILURES_BEFORE_LATENCY = 3
+METRICS_MAX_BYTES = 32 << 20  # a vLLM page is well under 1 MiB; more is not a metrics page
 
 logger = logging.getLogger(__name__)
 
@@ -230,9 +231,11 @@ class WorkerPool:
                     continue
                 try:
                     async with http.get(endpoint.poll_url) as resp:
-                        queue_now = parse_queue_metrics(await resp.text()) if resp.status == 200 \
+                        body = await read_at_most(resp, METRICS_MAX_BYTES, endpoint.poll_url)
+                        queue_now = parse_queue_metrics(body.decode()) if resp.status == 200 \
                             else None
-                except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
+                except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError,
+                        LLMRequestError):  # unreachable, slow, not text, or larger than a page
                     queue_now = None
                 if queue_now is None:
                     failures += 1

@@ -36,12 +36,15 @@ def parse_queue_metrics(text: str) -> tuple[int, int] | None:
     for line in text.splitlines():
         match = _SAMPLE.match(line)
         if match:
-            with_value = float(match.group(3))
+            try:
+                with_value = float(match.group(3))
+            except ValueError:  # "e", "--": not a number after all
+                continue
             if math.isfinite(with_value):
                 values[match.group(1)] = values.get(match.group(1), 0.0) + with_value
     for running, waiting in QUEUE_GAUGES:
         if running in values and waiting in values:
-            return int(values[running]), int(values[waiting])
+            return max(0, int(values[running])), max(0, int(values[waiting]))
     return None
 
 
