@@ -1,8 +1,9 @@
 """Servers we do not control (issue 24, servers): a real HTTP server on 127.0.0.1 that answers
 with an endless body, a gzip bomb, JSON nested past the parser's depth, a non-text content, content
 as a list of parts, a malformed finish_reason or usage, the caller's API key, an endless /metrics
-page, or a /models list that is trickled or is not a list. Every answer is bounded in bytes and time, a non-text answer is a
-failed request (so --retry-failed resends it), and the key never reaches the output."""
+page, or a /models list that is trickled or is not a list. Every answer is bounded in bytes and
+time, a non-text answer is a failed request (so --retry-failed resends it), and the key never
+reaches the output."""
 
 from __future__ import annotations
 
