@@ -41,6 +41,22 @@ from nemocc_dask.run.start import start_checks
 from nemocc_dask.serve.process import ServeSpec
 
 
+def _at_least(minimum, kind=int):
+    """An argparse type: a ``kind`` number of at least ``minimum`` (a usage error, exit 2,
+    otherwise: ``--workers 0`` would start a cluster that never runs anything)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} (got {text})")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _add_endpoint_options(p: argparse.ArgumentParser) -> None:
     """Every LLMConfig field but the key and the Python-only ones, the served model's options,
     and every TaskPreset field a run may override (built from the dataclasses: ``options``)."""
@@ -85,10 +101,10 @@ def _add_run_options(p: argparse.ArgumentParser, planning: bool = False) -> None
                         "files disagree, e.g. --cast id=string (repeatable; other columns get "
                         "one type decided from the files)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-row sampling (diverse_qa)")
-    p.add_argument("--wait-for-lock", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--wait-for-lock", type=_at_least(0, float), default=0.0, metavar="SECONDS",
                    help="wait this long for another run to release --output (a requeued job "
                         "that starts while the old one drains) before refusing (default 0)")
-    p.add_argument("--rows-per-partition", type=int, default=io.DEFAULT_ROWS_PER_PARTITION)
+    p.add_argument("--rows-per-partition", type=_at_least(1), default=io.DEFAULT_ROWS_PER_PARTITION)
     if not planning:
         _add_run_only_options(p)
     c = p.add_argument_group("cluster")
@@ -98,9 +114,9 @@ def _add_run_options(p: argparse.ArgumentParser, planning: bool = False) -> None
                         "(implies --cluster local-cuda unless a cluster or scheduler is given)")
     c.add_argument("--scheduler", help="address of a running scheduler (tcp://host:8786)")
     c.add_argument("--scheduler-file", help="scheduler file of a running scheduler")
-    c.add_argument("--workers", type=int, help="local worker processes (default 2)")
-    c.add_argument("--threads-per-worker", type=int, help="partitions in flight per worker")
-    c.add_argument("--slurm-jobs", type=int, help="SLURM worker jobs")
+    c.add_argument("--workers", type=_at_least(1), help="local worker processes (default 2)")
+    c.add_argument("--threads-per-worker", type=_at_least(1), help="partitions in flight per worker")
+    c.add_argument("--slurm-jobs", type=_at_least(1), help="SLURM worker jobs")
     c.add_argument("--adapt", metavar="MIN:MAX",
                    help="SLURM worker jobs scaled with the work between MIN and MAX")
     c.add_argument("--slurm-queue")
@@ -113,7 +129,7 @@ def _add_run_only_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-failed", action="store_true",
                    help="resend requests that failed in an earlier run")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
+    p.add_argument("--metrics-port", type=_at_least(0), metavar="PORT",
                    help="serve the run's live figures (partitions, answers, errors, tokens, ETA, "
                         "each endpoint's window, in flight and queue) in the Prometheus format "
                         "at http://127.0.0.1:PORT/metrics (0: a free port, printed)")
@@ -133,23 +149,23 @@ def _add_quality_options(p: argparse.ArgumentParser) -> None:
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan")
-    g.add_argument("--sample-documents", type=int, default=SAMPLE_DOCUMENTS, metavar="N",
+    g.add_argument("--sample-documents", type=_at_least(1), default=SAMPLE_DOCUMENTS, metavar="N",
                    help="count the requests of about N input rows, evenly spread over the "
                         f"partitions (default {SAMPLE_DOCUMENTS:,}); the rest is projected")
     g.add_argument("--exact", action="store_true", help="count every input row")
-    g.add_argument("--probe-requests", type=int, default=PROBE_REQUESTS, metavar="N",
+    g.add_argument("--probe-requests", type=_at_least(0), default=PROBE_REQUESTS, metavar="N",
                    help="requests in the probe's first round (shared among the tasks by their "
                         "requests), doubled each round until the answer rate stops rising "
                         f"(default {PROBE_REQUESTS}; journaled: the run reuses them; 0: no "
                         "probe, counts only)")
-    g.add_argument("--endpoints", type=int, metavar="N",
+    g.add_argument("--endpoints", type=_at_least(1), metavar="N",
                    help="endpoints the run will have (default: the ones given; the probe's "
                         "rate is scaled to them)")
-    g.add_argument("--gpus-per-endpoint", type=float, default=1.0,
+    g.add_argument("--gpus-per-endpoint", type=_at_least(0, float), default=1.0,
                    help="GPUs behind each endpoint, for GPU-hours (default 1)")
-    g.add_argument("--price-input", type=float, metavar="PRICE",
+    g.add_argument("--price-input", type=_at_least(0, float), metavar="PRICE",
                    help="price per million prompt tokens (for the cost)")
-    g.add_argument("--price-output", type=float, metavar="PRICE",
+    g.add_argument("--price-output", type=_at_least(0, float), metavar="PRICE",
                    help="price per million completion tokens (for the cost)")
     g.add_argument("--plan-file", help="where to write the plan as JSON (default "
                                        "OUTPUT/plan.json)")
@@ -426,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(LocalCUDACluster with --gpu)")
     demo.add_argument("--task", default="diverse_qa", choices=list(PRESETS))
     demo.add_argument("--output", help="output folder (default: a temp folder)")
-    demo.add_argument("--workers", type=int, default=2)
-    demo.add_argument("--threads-per-worker", type=int, default=2)
+    demo.add_argument("--workers", type=_at_least(1), default=2)
+    demo.add_argument("--threads-per-worker", type=_at_least(1), default=2)
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--gpu", action="store_true", help="cuDF partitions on a LocalCUDACluster")
     demo.set_defaults(fn=cmd_demo, cluster=None, scheduler=None, scheduler_file=None,

@@ -78,3 +78,34 @@ def test_gpu_check_names_a_broken_cudf_import(monkeypatch):
         gpu.gpu_problem.cache_clear()
     assert "does not import" in problem and "no CUDA device" not in problem
     assert issubclass(gpu.GPUError, StartError)
+
+
+@pytest.mark.parametrize("option, value", [("--workers", "0"), ("--threads-per-worker", "0"),
+                                           ("--rows-per-partition", "0"),
+                                           ("--wait-for-lock", "-1"), ("--workers", "two")])
+def test_a_count_that_cannot_work_is_a_usage_error(tmp_path, capsys, option, value):
+    """``--workers 0`` started a cluster that never ran anything: the run waited forever."""
+    with pytest.raises(SystemExit) as exited:
+        main(_run_args(tmp_path, "--task", "distill", option, value))
+    assert exited.value.code == 2
+    assert f"argument {option}:" in capsys.readouterr().err
+
+
+def test_a_local_cluster_without_workers_is_refused_from_python():
+    from nemocc_dask.run.cluster import ClusterError, make_client
+
+    with pytest.raises(ClusterError, match="at least 1 worker"):
+        make_client("local", workers=0)
+
+
+@pytest.mark.parametrize("output", ["a-file", "a-file/out"])
+def test_an_output_folder_that_cannot_be_one_exits_2_naming_it(tmp_path, capsys, output):
+    """A file where the output folder should be stopped the run with NotADirectoryError (exit 1
+    and a hint to rerun); it is refused among the start checks."""
+    (tmp_path / "a-file").write_text("notes\n")
+    args = _run_args(tmp_path, "--task", "distill", "--workers", "1")
+    args[args.index("--output") + 1] = str(tmp_path / output)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "a-file" in err and "is a file" in err and "Traceback" not in err
+    assert (tmp_path / "a-file").read_text() == "notes\n"

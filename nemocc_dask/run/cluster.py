@@ -106,6 +106,9 @@ def make_client(cluster: str | None = None, scheduler: str | None = None,
     workers = _option("local.workers", workers)
     threads = _option("local.threads-per-worker", threads_per_worker)
     if kind == "local":
+        if any(n is not None and not n >= 1 for n in (workers, threads)):
+            raise ClusterError(f"a local cluster needs at least 1 worker and 1 thread per worker "
+                               f"(got workers={workers}, threads_per_worker={threads})")
         return Client(LocalCluster(n_workers=workers, threads_per_worker=threads,
                                    memory_limit=setting("local.memory-limit"),
                                    host="127.0.0.1", dashboard_address=LOCAL_DASHBOARD,

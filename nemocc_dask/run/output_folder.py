@@ -69,6 +69,26 @@ def _comparable(material: dict, leave_out: tuple[str, ...] = ()) -> dict:
     return json.loads(json.dumps(kept, default=str))
 
 
+def require_usable(out_dir) -> None:
+    """OutputError when a local ``out_dir`` cannot hold a run: it is a file, or the nearest
+    existing folder at or above it is not writable (read-only checks; object stores are
+    checked by ``check_output``)."""
+    if storage.is_remote(out_dir):
+        return
+    path = existing = Path(out_dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = ("is a file" if existing == path else
+                 f"cannot be created: {str(existing)!r} is a file")
+        raise OutputError(f"output folder {str(path)!r} {where}; choose a folder (a new one, or "
+                          "one an earlier run of this command wrote)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {str(path)!r} cannot be written: {str(existing)!r} is "
+                          "not writable by this user (or is on a read-only filesystem); choose "
+                          "another folder or fix its permissions")
+
+
 def check_output(out_dir: Path, material: dict, overwrite: bool,
                  unknown: tuple[str, ...] = ()) -> str:
     """Whether this run may use ``out_dir``, without changing anything in it.

@@ -187,6 +187,8 @@ def prepare(data, jobs: list[Job], servers: contextlib.ExitStack, *, tokenizer: 
     starting the served model into ``servers`` when the jobs ask for one. ConfigError (or another
     StartError) when the run cannot start; nothing is written."""
     with start_checks():
+        for job in jobs:
+            output_folder.require_usable(job.out_dir)
         refuse_output_inside_input(data, jobs)
         casts = input_types.parse_casts(casts)
         cache = read_input_cache(jobs[0].out_dir)
