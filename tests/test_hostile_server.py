@@ -197,6 +197,7 @@ def test_an_answer_nested_past_the_parsers_depth_is_a_bad_response_not_a_crash()
         result = _one(LLMConfig(base_url=server.base_url, model="m", max_retries=1))
     assert result.completion is None and result.error_class == "bad_response"
     assert result.retried == ["bad_response"]  # resent once, as any unparsable answer
+    assert "not JSON (it begins b'[[[[" in result.error  # what came instead, for the user
 
 
 def test_content_sent_as_a_list_of_parts_is_read_as_its_text_parts():

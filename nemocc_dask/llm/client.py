@@ -207,7 +207,8 @@ class OpenAIHTTPClient:
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError):
-            raise RetryableError("bad_response", "the answer is not JSON") from None
+            raise RetryableError("bad_response", f"{self.url}: the answer is not JSON (it begins "
+                                                 f"{raw[:80]!r})") from None
         return parse_completion(data, self._all_choices)
 
     async def aclose(self) -> None:
