@@ -48,20 +48,35 @@ def _reference(tmp_path, docs, cluster_client) -> tuple:
     return read_parts(tmp_path / "reference").sort_values(KEY).reset_index(drop=True), requests
 
 
-def _wait_for_answers(out: Path, at_least: int, timeout: float = 120) -> None:
+def _wait_for_answers(out: Path, at_least: int, timeout: float = 120, proc=None,
+                      log: Path | None = None) -> None:
+    """Until ``at_least`` answers are journaled in ``out``; fails with the end of ``log`` (the
+    run's stderr) if ``proc`` ended first or the answers did not come."""
     deadline = time.time() + timeout
     while time.time() < deadline and answers_so_far(out) < at_least:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {at_least} "
+                                 f"answers: {_read(log)[-3000:] if log else ''}")
         time.sleep(0.1)
-    assert answers_so_far(out) >= at_least, "the run never got going"
+    assert answers_so_far(out) >= at_least, \
+        f"the run never got going: {_read(log)[-3000:] if log else ''}"
 
 
 def _sigterm_mid_run(args: list[str], out: Path, server) -> str:
     """Start ``args``, SIGTERM it once answers arrive, check the clean stop (exit 75 with the
-    rerun advice, nothing left on the wire, every answer received kept); its stderr."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_answers(out, 24)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    rerun advice, nothing left on the wire, every answer received kept); its stderr (kept in a
+    file, so that the run never waits on a full pipe)."""
+    log = out.parent / f"{out.name}-stderr.txt"
+    with log.open("w") as stderr_file:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr_file, text=True)
+        try:
+            _wait_for_answers(out, 24, proc=proc, log=log)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = _read(log)
     stopped_at = server.stats.requests
     assert proc.returncode == 75, stderr[-2000:]
     assert "Rerun the same command" in stderr
@@ -151,7 +166,7 @@ def test_slurm_job_signalled_mid_run_is_requeued_and_finishes(tmp_path, cluster_
                               str(script)], capture_output=True, text=True, check=True,
                              env=os.environ).stdout.strip().split(";")[0]
         try:
-            _wait_for_answers(out, 24, timeout=180)
+            _wait_for_answers(out, 24, timeout=180, log=log)
             subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True)
             # SLURM starts a requeued job again once its old credential expired (AuthInfo
             # cred_expire: 120 s by default, 15 s in .ci/slurm_setup.sh)
