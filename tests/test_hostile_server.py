@@ -1,9 +1,9 @@
 """Servers we do not control (issue 24, servers): a real HTTP server on 127.0.0.1 that answers
-with an endless body, a gzip bomb, JSON nested past the parser's depth, a non-text content, content
-as a list of parts, a malformed finish_reason or usage, the caller's API key, an endless /metrics
-page, or a /models list that is trickled or is not a list. Every answer is bounded in bytes and
-time, a non-text answer is a failed request (so --retry-failed resends it), and the key never
-reaches the output."""
+with an endless body, a gzip bomb, JSON nested past the parser's depth, a non-text content, half
+a surrogate pair, content as a list of parts, a malformed finish_reason or usage, the caller's
+API key, an endless /metrics page, or a /models list that is trickled or is not a list. Every
+answer is bounded in bytes and time, a non-text answer is a failed request (so --retry-failed
+resends it), and the key never reaches the output."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ ODD_BODIES = {  # hostile modes answered with a fixed body
     "parts": json.dumps({"choices": [{"message": {"content": [
         {"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "Para one. "},
         {"type": "text", "text": "Para two."}]}, "finish_reason": "stop"}]}).encode(),
+    "surrogate": json.dumps({"choices": [{"message": {  # half an emoji, as a cut string has
+        "content": "A fine answer \ud83d about the delta. " * 20}, "finish_reason": "stop"}]}
+    ).encode(),
     "odd_envelope": json.dumps({"choices": [{"message": {"content": "An answer."},
                                              "finish_reason": 5}],
                                 "usage": {"prompt_tokens": "many",
@@ -222,6 +225,23 @@ def test_a_malformed_finish_reason_or_usage_reads_as_absent_and_the_partition_is
     assert list(out["distill"]) == ["An answer."] * len(out)
     assert out["llm_finish_reason"].isna().all()
     assert (out["llm_completion_tokens"] == 0).all()
+    atomic_write_parquet(out, tmp_path / "part.parquet")
+    assert pq.read_table(tmp_path / "part.parquet").num_rows == len(out)
+
+
+def test_an_answer_with_half_a_surrogate_pair_is_kept_with_a_replacement_character(tmp_path):
+    """JSON may spell a lone surrogate (\\ud83d); Python decodes it into a string that UTF-8
+    cannot encode, so the journal write failed and took the partition (and each rerun) down."""
+    import pyarrow.parquet as pq
+
+    from nemocc_dask.io.files import atomic_write_parquet
+
+    with HostileServer("surrogate") as server:
+        llm = LLMConfig(base_url=server.base_url, model="m", max_retries=0)
+        out, _ = generate_partition(make_docs(3), PRESETS["distill"], llm,
+                                    journal_path=str(tmp_path / "j.jsonl"), return_stats=True)
+    assert len(out) and all("A fine answer \ufffd about" in text for text in out["distill"])
+    assert "\ufffd".encode() in (tmp_path / "j.jsonl").read_bytes()
     atomic_write_parquet(out, tmp_path / "part.parquet")
     assert pq.read_table(tmp_path / "part.parquet").num_rows == len(out)
 

@@ -210,16 +210,17 @@ def test_bad_bytes_and_a_missing_bucket_are_exit_2_naming_where(tmp_path):
 
 @pytest.mark.slow
 def test_files_written_by_other_tools_are_read_as_the_documents_they_hold(tmp_path):
-    """JSONL saved with a byte-order mark and CRLF line ends, empty and blank JSONL shards next to
-    full ones, and a parquet file whose text is a pandas categorical (dictionary-encoded): every
+    """JSONL saved with a byte-order mark and CRLF line ends (and a lone surrogate escape, which
+    becomes U+FFFD), empty and blank JSONL shards next to full ones, and a parquet file whose text is a pandas categorical (dictionary-encoded): every
     document is read, generated and accounted for, and the parts' text is plain text. A folder of
     empty JSONL files only is exit 2 saying there is nothing to do, before anything is sent."""
     folder = tmp_path / "in"
     folder.mkdir()
     docs = make_docs(12)
     with (folder / "a.jsonl").open("w", encoding="utf-8-sig", newline="") as fh:
-        for _, row in docs.iloc[:6].iterrows():
-            fh.write(json.dumps({"id": int(row["id"]), "text": row["text"]}) + "\r\n")
+        for _, row in docs.iloc[:6].iterrows():  # one text with half an emoji ("\\ud83d")
+            text = row["text"] + (" \ud83d" if row["id"] == 2 else "")
+            fh.write(json.dumps({"id": int(row["id"]), "text": text}) + "\r\n")
     (folder / "b.jsonl").write_bytes(b"")
     (folder / "c.jsonl").write_bytes(b"\n\r\n  \n")
     categorical = docs.iloc[6:][["id", "text"]].astype({"text": "category"})

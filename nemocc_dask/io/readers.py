@@ -27,6 +27,7 @@ import pandas as pd
 from nemocc_dask.errors import StartError
 from nemocc_dask.io import gzindex, storage
 from nemocc_dask.io import types as input_types
+from nemocc_dask.io.unicode import json_without_lone_surrogates, may_hold_surrogates
 
 DEFAULT_ROWS_PER_PARTITION = 2000
 SAMPLE_PATH = Path(__file__).parents[1] / "data" / "sample.parquet"
@@ -267,8 +268,10 @@ def _read_rows(piece: Piece, columns: list[str] | None) -> pd.DataFrame:
     for i, line in enumerate(_piece_lines(piece), start=piece.start):
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise InputError(f"{piece.path}: non-blank line {i + 1} is not valid JSON") from None
+        if may_hold_surrogates(line):
+            row = json_without_lone_surrogates(row)
         if not isinstance(row, dict):
             kind = {"NoneType": "null", "list": "array", "str": "string", "bool": "boolean"}.get(
                 type(row).__name__, "number")

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator
 
 from nemocc_dask.config import setting
 from nemocc_dask.errors import Preempted, RunError
+from nemocc_dask.io.unicode import without_lone_surrogates
 from nemocc_dask.llm.client import Completion, LLMRequestError, RetryableError, read_at_most
 from nemocc_dask.llm.coordinator import LocalLink
 from nemocc_dask.llm.endpoint import Endpoint
@@ -329,14 +330,16 @@ class WorkerPool:
     def _redact(self, message: str) -> str:
         return message.replace(self._secret, "***") if self._secret else message
 
-    def _redact_completion(self, completion: Completion) -> Completion:
-        """An answer that echoes the API key (a hostile or broken server) never carries it into
-        parts or journals."""
-        if not self._secret or not any(self._secret in t for t in [completion.text or "",
-                                                                     *completion.choices]):
+    def _writable_completion(self, completion: Completion) -> Completion:
+        """The answer as parts and journals may hold it: the API key redacted (a hostile or
+        broken server that echoes it), lone surrogates as U+FFFD (no UTF-8 file can hold them;
+        a ``"\\ud800"`` in the server's JSON, or a custom client's string)."""
+        texts = [completion.text or "", *completion.choices]
+        written = [self._redact(without_lone_surrogates(text)) for text in texts]
+        if written == texts:
             return completion
-        return dataclasses.replace(completion, text=completion.text and self._redact(
-            completion.text), choices=[self._redact(t) for t in completion.choices])
+        return dataclasses.replace(completion, text=completion.text and written[0],
+                                   choices=written[1:])
 
     async def _call(self, endpoint: Endpoint, request: Request) -> Completion:
         client = endpoint.client
@@ -413,7 +416,7 @@ class WorkerPool:
                                            f"client_error: {type(exc).__name__}: {exc}")
             result.latency = time.monotonic() - started
             endpoint.on_success(tag, result.latency, completion.completion_tokens)
-            completion = self._redact_completion(completion)
+            completion = self._writable_completion(completion)
             self._count_outcome(endpoint, None)
             result.endpoint = endpoint.name
             result.completion = completion
