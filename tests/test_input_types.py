@@ -246,3 +246,40 @@ def test_files_written_by_other_tools_are_read_as_the_documents_they_hold(tmp_pa
         assert str(pq.read_schema(part).field("text").type) in ("string", "large_string")
     assert nothing.returncode == 2 and "holds no documents" in nothing.stderr \
         and "only.jsonl" in nothing.stderr
+
+
+@pytest.mark.slow
+def test_nested_and_decimal_columns_are_kept_as_json_text_in_every_part(tmp_path):
+    """Metadata beside the text (parquet structs, lists and decimals; JSONL objects and arrays)
+    reaches the parts as JSON text that loads back to the values, one string type in every part
+    (Dask's string conversion wrote them as Python reprs; a list empty in one partition and not
+    in another would otherwise give parts that do not read back as one dataset)."""
+    import decimal
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    docs = make_docs(8)
+    meta = [{"url": f"https://example.org/{i}", "tags": ["a", "b"][: i % 3] if i > 3 else []}
+            for i in range(8)]
+    table = pa.table({"id": docs["id"], "text": docs["text"], "meta": pa.array(meta),
+                      "price": pa.array([decimal.Decimal(f"{i}.25") for i in range(8)],
+                                        pa.decimal128(10, 2))})
+    pq.write_table(table.slice(0, 4), folder / "a.parquet")
+    pq.write_table(table.slice(4), folder / "b.parquet")
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": int(i), "text": t, "meta": m}) + "\n"
+                             for i, t, m in zip(docs["id"], docs["text"], meta)))
+    with MockLLMServer() as server:
+        for source, out in ((folder, "out"), (jsonl, "out-jsonl")):
+            proc = run_cli(server, source, tmp_path / out, rows=2)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+    for out in ("out", "out-jsonl"):
+        written = pd.concat([pd.read_parquet(tmp_path / out / "parts"),
+                             pd.read_parquet(tmp_path / out / "rejects")])
+        assert written["id"].nunique() == 8
+        for ident, text in zip(written["id"], written["meta"]):
+            assert json.loads(text) == meta[int(ident)]
+        for part in (tmp_path / out / "parts").glob("*.parquet"):
+            assert str(pq.read_schema(part).field("meta").type) in ("string", "large_string")
+    prices = pd.read_parquet(tmp_path / "out" / "parts")[["id", "price"]]
+    assert all(price == f"{int(ident)}.25" for ident, price in zip(prices["id"], prices["price"]))

@@ -359,7 +359,10 @@ def partition_map(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION) -
 def frame_from_pieces(pieces: list[Piece], columns: list[str] | None = None,
                       types: dict[str, str] | None = None, text_fields: tuple[str, ...] = ()):
     """A Dask DataFrame with one partition per piece (only ``columns`` when given; values in
-    the run's ``types``, see ``read_piece``)."""
+    the run's ``types``, see ``read_piece``). Columns keep the values pandas reads (Dask's
+    ``convert-string`` is off for them: it would turn nested columns, dicts and lists, and
+    decimals into their Python repr)."""
+    import dask
     import dask.dataframe as dd
 
     meta = _meta(pieces)
@@ -368,8 +371,9 @@ def frame_from_pieces(pieces: list[Piece], columns: list[str] | None = None,
     meta = input_types.as_read(meta, types, text_fields)
     if columns is not None:
         meta = meta[columns]
-    return dd.from_map(read_piece, pieces, columns=columns, types=types,
-                       text_fields=tuple(text_fields), meta=meta, enforce_metadata=False)
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_map(read_piece, pieces, columns=columns, types=types,
+                           text_fields=tuple(text_fields), meta=meta, enforce_metadata=False)
 
 
 def read_input(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION):

@@ -12,6 +12,7 @@ id types need a declared cast (``--cast id=string``), because 1 and "1" are diff
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pandas as pd
@@ -149,8 +150,37 @@ def as_read(frame: pd.DataFrame, types: dict[str, str] | None,
     return out
 
 
+def is_nested(kind: str) -> bool:
+    """Whether a run type is a nested one: JSONL objects or arrays (``nested``), or a parquet
+    struct, list or map."""
+    return kind == "nested" or kind.split("<", 1)[0] in (
+        "struct", "list", "large_list", "fixed_size_list", "list_view", "map")
+
+
+def _json_value(value):
+    """A nested value as plain Python (numpy arrays, as pandas reads parquet lists, as lists)."""
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        return [_json_value(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+
+
+def _as_json_text(value):
+    """A nested value as its JSON text (missing stays missing)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return json.dumps(_json_value(value), ensure_ascii=False)
+
+
 def _in_type(column: pd.Series, kind: str) -> pd.Series | None:
-    """``column`` with its values in type ``kind``, or None when they already are."""
+    """``column`` with its values in type ``kind``, or None when they already are. Nested
+    values become their JSON text and decimals their text: one string type in every part,
+    whatever each partition's values would let pandas infer."""
+    if is_nested(kind):
+        return column.astype(object).map(_as_json_text)
+    if kind.startswith("decimal"):
+        return column.astype(object).map(lambda v: None if v is None or v != v else str(v))
     if kind in STRING_LIKE and column.dtype == object:
         odd = column.map(lambda v: v is not None and v == v and not isinstance(v, str))
         return column.where(~odd, column.map(str)) if odd.any() else None
@@ -165,14 +195,17 @@ def _in_type(column: pd.Series, kind: str) -> pd.Series | None:
 
 
 def as_written(table, types: dict[str, str] | None):
-    """An Arrow table with the input columns in the run's types (nested columns as they are)."""
+    """An Arrow table with the input columns in the run's types (nested and decimal columns,
+    read as text by ``as_read``, as strings)."""
     import pyarrow as pa
 
     if not types:
         return table
     for i, field in enumerate(table.schema):
         kind = types.get(field.name)
-        if kind in (None, "nested", "null") or str(field.type) == kind:
+        if kind is not None and (is_nested(kind) or kind.startswith("decimal")):
+            kind = "string"
+        if kind in (None, "null") or str(field.type) == kind:
             continue
         try:
             target = pa.type_for_alias(kind)
