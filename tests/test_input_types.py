@@ -47,6 +47,11 @@ def test_files_that_agree_after_widening_get_one_type():
                 ("c.jsonl (lines 1-10)", {"id": ["int"], "text": ["str"], "score": ["int"]})]
     assert decide(observed, "id", ("text",), {}) == {"id": "int64", "text": "large_string",
                                                      "score": "double"}
+    nested = [("a.parquet", {"meta": "struct<url: string>", "tags": "list<element: null>"}),
+              ("b.parquet", {"meta": "struct<url: string, n: int64>",
+                             "tags": "list<element: string>"}),
+              ("c.jsonl (lines 1-10)", {"meta": ["dict", "list"], "tags": ["list"]})]
+    assert decide(nested, "id", ("text",), {}) == {"meta": "nested", "tags": "nested"}
 
 
 def test_ids_of_different_types_are_refused_naming_both_files_unless_cast():
@@ -261,11 +266,13 @@ def test_nested_and_decimal_columns_are_kept_as_json_text_in_every_part(tmp_path
     docs = make_docs(8)
     meta = [{"url": f"https://example.org/{i}", "tags": ["a", "b"][: i % 3] if i > 3 else []}
             for i in range(8)]
-    table = pa.table({"id": docs["id"], "text": docs["text"], "meta": pa.array(meta),
-                      "price": pa.array([decimal.Decimal(f"{i}.25") for i in range(8)],
-                                        pa.decimal128(10, 2))})
-    pq.write_table(table.slice(0, 4), folder / "a.parquet")
-    pq.write_table(table.slice(4), folder / "b.parquet")
+    for name, rows in (("a", slice(0, 4)), ("b", slice(4, 8))):  # tags: list<null> in a
+        pq.write_table(pa.table({
+            "id": docs["id"][rows], "text": docs["text"][rows], "meta": pa.array(meta[rows]),
+            "price": pa.array([decimal.Decimal(f"{i}.25") for i in range(8)][rows],
+                              pa.decimal128(10, 2))}), folder / f"{name}.parquet")
+    assert pq.read_schema(folder / "a.parquet").field("meta").type != \
+        pq.read_schema(folder / "b.parquet").field("meta").type
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"id": int(i), "text": t, "meta": m}) + "\n"
                              for i, t, m in zip(docs["id"], docs["text"], meta)))

@@ -5,9 +5,10 @@ piece read and to every part and reject file written.
 
 Types are Arrow type names (``int64``, ``double``, ``string``, ``bool``...). A column whose files
 disagree is widened where nothing is lost (null to anything, narrower ints to int64, ints to
-double, string to large_string); otherwise the run is refused naming the files, except for a
-JSONL column that mixes text with other values outside the id column: it is kept as text. Mixed
-id types need a declared cast (``--cast id=string``), because 1 and "1" are different ids.
+double, string to large_string, nested shapes to ``nested``: nested columns are written as their
+JSON text); otherwise the run is refused naming the files, except for a JSONL column that mixes
+text with other values outside the id column: it is kept as text. Mixed id types need a declared
+cast (``--cast id=string``), because 1 and "1" are different ids.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def _from_python(names: set[str]) -> str | None:
         return "null"
     if names <= {"int", "float"}:
         return "double" if "float" in names else "int64"
+    if names <= {"dict", "list"}:
+        return "nested"
     if len(names) == 1:
         return _PYTHON.get(next(iter(names)), "nested")
     return None
@@ -79,6 +82,8 @@ def _widen(a: str, b: str) -> str | None:
         return "double"
     if a in STRING_LIKE and b in STRING_LIKE:
         return "large_string"
+    if is_nested(a) and is_nested(b):  # written as JSON text whatever their shapes
+        return "nested"
     return None
 
 
