@@ -86,7 +86,8 @@ def _add_run_options(p: argparse.ArgumentParser, planning: bool = False) -> None
     """The input, output, tokenizer and cluster options (``planning``: without the options
     that only a run has)."""
     p.add_argument("--input", action="append", required=True,
-                   help="parquet/JSONL file or folder (repeatable)")
+                   help="parquet/JSONL file, folder (searched recursively) or local glob "
+                        "pattern in quotes ('data/*.parquet'); repeatable")
     p.add_argument("--output", required=True, help="output folder (resumed when rerun)")
     p.add_argument("--tokenizer", help="HF name in the local cache, folder, tokenizer.json, "
                                        ".gguf or 'bundled' (default: the served model's, found "

@@ -128,3 +128,23 @@ def test_gzip_pieces_seek_through_the_index_built_by_the_partition_pass(tmp_path
     # without the index (a worker that cannot see it) the same rows come back, just slower
     with dask.config.set({"nemocc.gzip-index-dir": str(tmp_path / "elsewhere")}):
         assert io.read_piece(pieces[-1])["id"].tolist() == list(range(27000, 30000))
+
+
+def test_a_glob_pattern_reads_the_input_files_it_matches(tmp_path, monkeypatch):
+    """``--input 'data/*.parquet'`` (as with Dask's readers): the matching files in order, other
+    files a broad pattern matches left out, and a pattern matching none is an InputError."""
+    data = tmp_path / "data"
+    (data / "more").mkdir(parents=True)
+    make_docs(4).to_parquet(data / "b.parquet", index=False)
+    make_docs(4, start=10).to_parquet(data / "a.parquet", index=False)
+    make_docs(4, start=20).to_parquet(data / "more" / "c.parquet", index=False)
+    (data / "README.md").write_text("about the data\n")
+    monkeypatch.chdir(tmp_path)
+    files = [p.path for p in io.partition_map("data/*.parquet", 10)]
+    assert [os.path.basename(f) for f in files] == ["a.parquet", "b.parquet"]
+    everything = {os.path.basename(p.path) for p in io.partition_map("data/*", 10)}
+    assert everything == {"a.parquet", "b.parquet", "c.parquet"}  # the folder, searched
+    deep = [os.path.basename(p.path) for p in io.partition_map("data/**/c.parquet", 10)]
+    assert deep == ["c.parquet"]
+    with pytest.raises(io.InputError, match="'data/\\*.jsonl' matches no .parquet or .jsonl"):
+        io.partition_map("data/*.jsonl", 10)

@@ -420,3 +420,46 @@ def test_documents_removed_before_generation_are_in_rejects_with_their_reason(tm
     assert reasons[3] == reasons[7] == "invalid_text" and reasons[11] == "document_too_short"
     assert len(schemas) == 1 and report["accounted"]
     assert report["documents_not_written"]["invalid_text"] == 2
+
+
+@pytest.mark.parametrize("given, output, refused", [
+    ("data/*.parquet", "out", False),  # was refused: the glob's folder was taken to be "."
+    ("data/*.parquet", "data/out", True),
+    ("data/docs-*.parquet", "data/out", True),
+    ("data/docs-*.parquet", "out", False),
+    ("data", "data/out", True),
+    ("data", "out", False),
+    ("nothing-here/*.parquet", "out", False),  # a glob without a folder: the input check's
+])
+def test_the_folder_of_a_glob_is_the_one_it_names(tmp_path, monkeypatch, given, output, refused):
+    import types
+
+    from nemocc_dask.run.inputs import refuse_output_inside_input
+    from nemocc_dask.run.output_folder import OutputError
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    jobs = [types.SimpleNamespace(out_dir=Path(output))]
+    if refused:
+        with pytest.raises(OutputError, match="inside the input folder 'data'"):
+            refuse_output_inside_input(given, jobs)
+    else:
+        refuse_output_inside_input(given, jobs)
+
+
+@pytest.mark.slow
+def test_a_glob_input_with_the_output_beside_its_folder_runs(tmp_path, monkeypatch):
+    """``--input 'data/*.parquet' --output out`` from the folder above: refused before as an
+    output "inside the input folder '.'", and the pattern was read as a missing path."""
+    (tmp_path / "data").mkdir()
+    make_docs(6).to_parquet(tmp_path / "data" / "a.parquet", index=False)
+    make_docs(6, start=6).to_parquet(tmp_path / "data" / "b.parquet", index=False)
+    monkeypatch.chdir(tmp_path)
+    with MockLLMServer() as server:
+        proc = subprocess.run(cli("run", "--task", "distill", "--input", "data/*.parquet",
+                                  "--output", "out", "--base-url", server.base_url, "--model",
+                                  "mock", "--workers", "1", "--no-progress"),
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["documents_in"] == 12 and report["accounted"]

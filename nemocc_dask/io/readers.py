@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import gzip
 import io as io_module
 import itertools
@@ -49,9 +50,31 @@ class Piece:
     end: int | None = None  # JSONL: byte offset just past its last line (None: count lines)
 
 
-def _files(paths) -> list[Path]:
-    files: list[Path] = []
+def _expanded(paths) -> list:
+    """``paths`` with each local glob pattern (``data/*.parquet``, ``data/**/*.jsonl``) replaced
+    by the folders and input files it matches, sorted (other files left out); InputError for a
+    pattern that matches none."""
+    expanded = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        text = str(p)
+        if storage.is_remote(storage.as_path(p)) or not any(c in text for c in "*?[") \
+                or os.path.exists(text):
+            expanded.append(p)
+            continue
+        matches = [m for m in sorted(glob.glob(text, recursive=True))
+                   if os.path.isdir(m) or _kind(Path(m)) is not None]
+        if not matches:
+            raise InputError(f"input pattern {text!r} matches no .parquet or .jsonl file (nor a "
+                             "folder)")
+        expanded += matches
+    return expanded
+
+
+def _files(paths) -> list[Path]:
+    """The input files of ``paths`` (files, folders searched recursively, local glob
+    patterns), in a fixed order."""
+    files: list[Path] = []
+    for p in _expanded(paths):
         path = storage.as_path(p)
         storage.require_bucket(path, "input path")
         if not path.exists():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,8 @@ def refuse_output_inside_input(data, jobs: list[Job]) -> None:
         root = text[:min((text.index(c) for c in "*?[" if c in text), default=len(text))]
         if is_remote(as_path(root)) or not root:
             continue
-        folder = Path(root) if text == root else Path(root).parent
+        # "data/" of "data/*.parquet", "data" of "data/docs-*.parquet" and of "data"
+        folder = Path(root) if text == root or root.endswith(("/", os.sep)) else Path(root).parent
         if not folder.is_dir():
             continue
         for job in jobs:
