@@ -114,6 +114,14 @@ def test_a_line_that_is_not_an_object_names_the_line(tmp_path):
         io.read_piece(io.Piece(str(path), "jsonl", 0, 2))
 
 
+def test_a_pretty_printed_json_file_is_told_to_be_jsonl(tmp_path):
+    path = tmp_path / "docs.json"
+    path.write_text(json.dumps([{"id": 1, "text": "ok"}], indent=2))
+    with pytest.raises(io.InputError, match=r"line 1 is not valid JSON; .*pretty-printed.*"
+                                            r"jq -c '\.\[\]'"):
+        io.read_piece(io.Piece(str(path), "jsonl", 0, 4))
+
+
 def test_a_write_on_a_full_disk_names_the_path(tmp_path):
     with pytest.raises(OSError, match=r"No space left on device: '/dev/full'"):
         with io.naming("/dev/full"), open("/dev/full", "w") as fh:

@@ -292,7 +292,11 @@ def _read_rows(piece: Piece, columns: list[str] | None) -> pd.DataFrame:
         try:
             row = json.loads(line)
         except (ValueError, RecursionError):
-            raise InputError(f"{piece.path}: non-blank line {i + 1} is not valid JSON") from None
+            hint = ("; the file looks like one pretty-printed JSON document, but every line "
+                    "must be one document (JSONL): convert it with jq -c '.[]'"
+                    if i == 0 and line.strip() in ("[", "{") else "")
+            raise InputError(f"{piece.path}: non-blank line {i + 1} is not valid JSON{hint}"
+                             ) from None
         if may_hold_surrogates(line):
             row = json_without_lone_surrogates(row)
         if not isinstance(row, dict):
