@@ -13,29 +13,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import gzip
 import io as io_module
 import itertools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import pandas as pd
 
-from nemocc_dask.errors import StartError
 from nemocc_dask.io import gzindex, storage
 from nemocc_dask.io import types as input_types
+from nemocc_dask.io.listing import InputError, file_kind, input_files
 from nemocc_dask.io.unicode import json_without_lone_surrogates, may_hold_surrogates
 
 DEFAULT_ROWS_PER_PARTITION = 2000
 SAMPLE_PATH = Path(__file__).parents[1] / "data" / "sample.parquet"
-
-
-class InputError(StartError, ValueError):
-    """The input cannot be used; the message names the file or column and what to do."""
 
 
 @dataclass(frozen=True)
@@ -48,56 +42,6 @@ class Piece:
     stop: int
     offset: int = 0  # JSONL: byte offset of the piece's first line
     end: int | None = None  # JSONL: byte offset just past its last line (None: count lines)
-
-
-def _expanded(paths) -> list:
-    """``paths`` with each local glob pattern (``data/*.parquet``, ``data/**/*.jsonl``) replaced
-    by the folders and input files it matches, sorted (other files left out); InputError for a
-    pattern that matches none."""
-    expanded = []
-    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-        text = str(p)
-        if storage.is_remote(storage.as_path(p)) or not any(c in text for c in "*?[") \
-                or os.path.exists(text):
-            expanded.append(p)
-            continue
-        matches = [m for m in sorted(glob.glob(text, recursive=True))
-                   if os.path.isdir(m) or _kind(Path(m)) is not None]
-        if not matches:
-            raise InputError(f"input pattern {text!r} matches no .parquet or .jsonl file (nor a "
-                             "folder)")
-        expanded += matches
-    return expanded
-
-
-def _files(paths) -> list[Path]:
-    """The input files of ``paths`` (files, folders searched recursively, local glob
-    patterns), in a fixed order."""
-    files: list[Path] = []
-    for p in _expanded(paths):
-        path = storage.as_path(p)
-        storage.require_bucket(path, "input path")
-        if not path.exists():
-            raise InputError(f"input path {str(path)!r} does not exist")
-        if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file() and _kind(f) is not None)
-            if not found:
-                raise InputError(f"input folder {str(path)!r} holds no .parquet or .jsonl files")
-            files.extend(found)
-        elif _kind(path) is None:
-            raise InputError(f"input file {str(path)!r} is neither .parquet nor .jsonl/.json")
-        else:
-            files.append(path)
-    return files
-
-
-def _kind(path: Path) -> str | None:
-    suffixes = "".join(path.suffixes[-2:]).lower()
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return "parquet"
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson") or suffixes == ".jsonl.gz":
-        return "jsonl"
-    return None
 
 
 def _parquet_pieces(path: Path, rows_per_partition: int) -> list[Piece]:
@@ -344,7 +288,7 @@ def column_type(pieces: list[Piece], name: str) -> str:
 def file_identities(paths) -> list[list]:
     """(full name, size, modification time) of every input file: what a cached partition map
     or id check is valid for."""
-    return [[_full_name(f), f.stat().st_size, _mtime(f)] for f in _files(paths)]
+    return [[_full_name(f), f.stat().st_size, _mtime(f)] for f in input_files(paths)]
 
 
 def cached_pieces(cache: dict | None, identities: list, rows_per_partition: int):
@@ -365,9 +309,9 @@ def partition_map(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION) -
     """
     if rows_per_partition < 1:
         raise InputError(f"rows_per_partition must be >= 1 (got {rows_per_partition})")
-    found = [(f, (_parquet_pieces if _kind(f) == "parquet" else _jsonl_pieces)(
-        f, rows_per_partition)) for f in _files(paths)]
-    with_rows = [(f, p) for f, p in found if _kind(f) == "parquet" or p[0].stop]
+    found = [(f, (_parquet_pieces if file_kind(f) == "parquet" else _jsonl_pieces)(
+        f, rows_per_partition)) for f in input_files(paths)]
+    with_rows = [(f, p) for f, p in found if file_kind(f) == "parquet" or p[0].stop]
     if not with_rows:  # JSONL without a document has no columns to check or read
         raise InputError(f"the input holds no documents: its {len(found)} JSONL file(s) "
                          f"({', '.join(str(f) for f, _ in found[:3])}) have no non-blank line")
@@ -375,7 +319,7 @@ def partition_map(paths, rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION) -
     pieces = [piece for _, file_pieces in with_rows for piece in file_pieces]
     meta = _meta(pieces)
     for f in files[1:]:
-        other = _meta([Piece(str(f), _kind(f), 0, 100)])
+        other = _meta([Piece(str(f), file_kind(f), 0, 100)])
         if set(other.columns) != set(meta.columns):
             raise InputError(f"input file {str(f)!r} has columns {list(other.columns)}, but "
                              f"{pieces[0].path!r} has {list(meta.columns)}; all inputs need the "
