@@ -11,8 +11,33 @@ from nemocc_dask.errors import StartError
 from nemocc_dask.io import storage
 
 
+GLOB_CHARS = "*?["
+
+
 class InputError(StartError, ValueError):
     """The input cannot be used; the message names the file or column and what to do."""
+
+
+def is_pattern(text: str) -> bool:
+    """Whether an input is a local glob pattern: it has ``*``, ``?`` or ``[`` and names no
+    existing path."""
+    return any(c in text for c in GLOB_CHARS) and not os.path.exists(text)
+
+
+def named_folder(path) -> Path | None:
+    """The local folder an input names: a folder itself, or a pattern's folder (``data`` of
+    ``data/*.parquet`` and of ``data/docs-*.parquet``); None for a file, a remote path or a
+    pattern without one."""
+    text = str(path)
+    if is_pattern(text):
+        root = text[:min(text.index(c) for c in GLOB_CHARS if c in text)]
+        if not root:
+            return None
+        text = root if root.endswith(("/", os.sep)) else str(Path(root).parent)
+    if storage.is_remote(storage.as_path(text)):
+        return None
+    folder = Path(text)
+    return folder if folder.is_dir() else None
 
 
 def _expanded(paths) -> list:
@@ -22,8 +47,7 @@ def _expanded(paths) -> list:
     expanded = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         text = str(p)
-        if storage.is_remote(storage.as_path(p)) or not any(c in text for c in "*?[") \
-                or os.path.exists(text):
+        if storage.is_remote(storage.as_path(p)) or not is_pattern(text):
             expanded.append(p)
             continue
         matches = [m for m in sorted(glob.glob(text, recursive=True))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +13,8 @@ import dask
 
 from nemocc_dask import io
 from nemocc_dask.io import types as input_types
-from nemocc_dask.io.storage import as_path, is_remote
+from nemocc_dask.io.listing import named_folder
+from nemocc_dask.io.storage import is_remote
 from nemocc_dask.run.output_folder import OutputError
 
 if TYPE_CHECKING:  # run.start imports this module
@@ -27,13 +27,8 @@ def refuse_output_inside_input(data, jobs: list[Job]) -> None:
     if not isinstance(data, (str, Path, list, tuple)):
         return
     for item in ([data] if isinstance(data, (str, Path)) else data):
-        text = str(item)
-        root = text[:min((text.index(c) for c in "*?[" if c in text), default=len(text))]
-        if is_remote(as_path(root)) or not root:
-            continue
-        # "data/" of "data/*.parquet", "data" of "data/docs-*.parquet" and of "data"
-        folder = Path(root) if text == root or root.endswith(("/", os.sep)) else Path(root).parent
-        if not folder.is_dir():
+        folder = named_folder(item)
+        if folder is None:
             continue
         for job in jobs:
             if not is_remote(job.out_dir) and \
