@@ -164,10 +164,12 @@ def is_nested(kind: str) -> bool:
 
 def _json_value(value):
     """A nested value as plain Python (numpy arrays, as pandas reads parquet lists, as lists)."""
+    if hasattr(value, "tolist"):  # a numpy array (or scalar)
+        value = value.tolist()
     if isinstance(value, dict):
         return {str(k): _json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
-        return [_json_value(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
     return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
@@ -208,7 +210,7 @@ def as_written(table, types: dict[str, str] | None):
         return table
     for i, field in enumerate(table.schema):
         kind = types.get(field.name)
-        if kind is not None and (is_nested(kind) or kind.startswith("decimal")):
+        if kind is not None and (is_nested(kind) or kind.startswith("decimal")):  # as_read's
             kind = "string"
         if kind in (None, "null") or str(field.type) == kind:
             continue
